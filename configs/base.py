@@ -1,0 +1,53 @@
+"""Defaults for every config field. A job config (configs/<job>.py) overrides a subset of them.
+
+The first block mirrors the released TransFace/arcface_torch base config (REFERENCE.md §3.1); the second block
+holds switches this repository adds. `utils.utils_config.get_config` resolves the fields left as None.
+"""
+from easydict import EasyDict as edict
+
+config = edict()
+
+# --- released fields (REFERENCE.md §3.1) ---
+config.margin_list = (1.0, 0.5, 0.0)  # (m1, m2, m3): ArcFace m=0.5
+config.network = "r50"
+config.resume = False
+config.save_all_states = False
+config.output = None  # None -> work_dirs/<config file stem>
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.interclass_filtering_threshold = 0.0
+config.fp16 = False
+config.batch_size = 128  # per process (per GPU)
+config.optimizer = "sgd"  # "sgd" or "adamw"
+config.lr = 0.1
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.verbose = 2000  # run verification every N global steps
+config.frequent = 10  # log every N global steps
+config.dali = False
+config.gradient_acc = 1
+config.seed = 2048
+config.num_workers = 2
+config.rec = "synthetic"
+config.num_classes = 1000
+config.num_image = 100000
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.val_targets = []
+
+# --- added by this repository ---
+config.network_kwargs = {}  # extra get_model() kwargs, e.g. {"embed_dim": 64, "depth": 2}
+config.amp = None  # "fp16" | "bf16" | "none"; None -> "fp16" if fp16 else "none"
+config.margin_scale = 64.0  # s of the margin softmax (hard-coded in the released train.py)
+config.dpap = None  # None -> on for ViT backbones, off for CNNs
+config.dpap_top_k = 7
+config.dpap_prob = 0.2
+config.dpap_alpha = 1.0
+config.ehsm = None  # None -> on for ViT backbones, off for CNNs
+config.ehsm_gamma = 1.0
+config.ehsm_measure = "std"  # "std" (released) or "gaussian" (paper's differential entropy)
+config.ehsm_top_k = None  # None -> all tokens (the release's K=144 is all tokens)
+config.ehsm_reduction = "mean"  # "mean" (released) or "sum" (paper figure)
+config.grad_clip = 5.0
+config.max_nonfinite_steps = 100  # stop when the loss stays non-finite this many steps in a row
+config.export_onnx = True

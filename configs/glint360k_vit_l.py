@@ -1,0 +1,24 @@
+"""TransFace-L on Glint360K (released config; 8 GPUs x 128 = global batch 1024)."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.5, 0.0)
+config.network = "vit_l_dp005_mask_005"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.fp16 = True
+config.weight_decay = 0.1
+config.batch_size = 128
+config.optimizer = "adamw"
+config.lr = 1e-4
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/data/glint360k"
+config.num_classes = 360232
+config.num_image = 17091657
+config.num_epoch = 35
+config.warmup_epoch = config.num_epoch // 10
+config.val_targets = []

@@ -1,0 +1,126 @@
+"""Config loading: configs/base.py, then the job config, then command-line overrides.
+
+    cfg = get_config("configs/ms1mv2_vit_s.py", opts=["lr=0.01", "batch_size=64"])
+
+Fields a job config or an override names must exist in base.py, so a typo is an error rather than a silently
+ignored setting. Overrides are typed from the base value.
+"""
+import ast
+import importlib.util
+import os
+
+from easydict import EasyDict as edict
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+AMP_MODES = ("fp16", "bf16", "none")
+
+
+def load_config_module(path):
+    """Execute a config file and return its `config` EasyDict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    name = "transface_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "config", None), dict):
+        raise ValueError(f"{path} must define a dict named `config` (see configs/base.py)")
+    return module.config
+
+
+def resolve_config_path(path):
+    """Accept 'configs/x.py', 'configs/x' and 'configs.x' (the released train.py used the dotted form)."""
+    if os.path.isfile(path):
+        return path
+    for candidate in (path + ".py", path.replace(".", os.sep) + ".py"):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"config file not found: {path} (also tried {path}.py)")
+
+
+def parse_override(key, text, default):
+    """Turn the string of a `key=value` override into the type of the base value."""
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"override {key}={text}: expected a boolean (true/false)")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            value = float(text)  # allow 1e5-style integers
+        except ValueError:
+            value = None
+        if value is None or value != int(value):
+            raise ValueError(f"override {key}={text}: expected an integer")
+        return int(value)
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"override {key}={text}: expected a number") from None
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return text  # a None default (e.g. output, amp) takes a plain string
+        raise ValueError(f"override {key}={text}: expected a Python literal like {default!r}") from None
+    if isinstance(default, dict) and isinstance(value, dict):
+        return value
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if default is not None:
+        raise ValueError(f"override {key}={text}: expected a {type(default).__name__}")
+    return value
+
+
+def apply_overrides(cfg, base, opts):
+    for item in opts or []:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in base:
+            raise KeyError(f"unknown config field '{key}' in override '{item}'; valid fields: {', '.join(sorted(base))}")
+        cfg[key] = parse_override(key, text, base[key])
+
+
+def resolve_derived(cfg, config_path):
+    is_vit = cfg.network.startswith("vit")
+    if cfg.amp is None:
+        cfg.amp = "fp16" if cfg.fp16 else "none"
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"config field amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+    if cfg.dpap is None:
+        cfg.dpap = is_vit
+    if cfg.ehsm is None:
+        cfg.ehsm = is_vit
+    if (cfg.dpap or cfg.ehsm) and not is_vit:
+        raise ValueError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    if cfg.output is None:
+        cfg.output = os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def get_config(config_file, opts=None):
+    """Return the EasyDict for `config_file` with base defaults, the job's values and `opts` applied."""
+    base = load_config_module(BASE_CONFIG)
+    path = resolve_config_path(config_file)
+    job = load_config_module(path)
+    unknown = sorted(set(job) - set(base))
+    if unknown:
+        raise KeyError(f"{path}: unknown config field(s) {unknown}; every field must exist in configs/base.py")
+    cfg = edict(dict(base))
+    cfg.update(job)
+    apply_overrides(cfg, base, opts)
+    resolve_derived(cfg, path)
+    cfg.config_file = path
+    return cfg
