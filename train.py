@@ -1,0 +1,358 @@
+"""Train a TransFace (or arcface_torch CNN) face-recognition backbone with a Partial FC head.
+
+    torchrun --nproc_per_node=8 train.py --config configs/ms1mv2_vit_s.py
+    python -m torch.distributed.launch --nproc_per_node=8 train.py --config configs/ms1mv2_vit_s.py
+    python train.py --config configs/tiny_cpu.py --opts batch_size=16 amp=none
+
+One optimiser step (REFERENCE.md §1.6), repeated for `gradient_acc` micro-batches before the update:
+    no-grad forward (train mode) -> patch weights -> DPAP (only if cfg.dpap)
+    forward with grad -> EHSM weights from the patch entropies (only if cfg.ehsm) -> Partial FC loss -> backward
+    [fp16: GradScaler] unscale -> clip grad-norm `grad_clip` on the backbone only -> optimiser -> zero_grad -> LR step
+
+Per optimiser step there is exactly one device->host read: a 2-element flag (loss non-finite, stop requested)
+all-reduced (MAX) over ranks, so that every rank takes the same decision about skipping a step, giving up after
+`max_nonfinite_steps` non-finite steps in a row, or saving on SIGTERM/SIGINT. GradScaler.step performs an equivalent
+read itself. The loss is accumulated on the device and read only every `frequent` steps.
+
+Deviations from the released train.py: the no-grad forward does not also call the FC head (its output was
+discarded); the LR scheduler counts optimiser steps and has no one-iteration lag (lr_scheduler.py); SGD works;
+`gradient_acc` is honoured; mid-epoch resume; resume with a different world size re-partitions the Partial FC shards.
+"""
+import argparse
+import os
+import random
+import signal
+import sys
+import warnings
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from backbones import get_model
+from dataset import get_dataloader
+from dpap import dpap
+from losses import CombinedMarginLoss, ehsm_weights
+from lr_scheduler import PolyScheduler
+from partial_fc import PartialFC, merge_shards, shard_for_rank
+from utils import checkpoint as ckpt
+from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed
+from utils.utils_callbacks import CallBackLogging, CallBackVerification
+from utils.utils_config import get_config
+from utils.utils_logging import AverageMeter, init_logging
+
+EXIT_NONFINITE = 3
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="TransFace training")
+    parser.add_argument("--config", default="configs/ms1mv2_vit_s.py", help="config file, e.g. configs/ms1mv2_vit_s.py")
+    # torch.distributed.launch passes --local-rank=N (new) or --local_rank=N (old torch); torchrun sets LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
+    parser.add_argument("--opts", nargs="*", default=[], help="config overrides key=value, e.g. lr=0.01 amp=bf16")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_amp(cfg, device, logger):
+    """-> (autocast dtype or None, use GradScaler). fp16 autocast on CPU is poorly supported: fall back to bf16."""
+    amp = cfg.amp
+    if amp == "fp16" and device.type != "cuda":
+        logger.warning("amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)")
+        amp = "bf16"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[amp]
+    return dtype, amp == "fp16"
+
+
+def build_optimizer(cfg, backbone, head):
+    groups = [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def schedule(cfg, loader_len, world_size):
+    """(batches used per epoch, optimiser steps per epoch); §3.3 with the loader as an upper bound."""
+    batches = min(loader_len, cfg.num_image // (cfg.batch_size * world_size))
+    steps = batches // cfg.gradient_acc
+    if steps < 1:
+        raise ValueError(f"num_image={cfg.num_image} gives no optimiser step per epoch at batch_size={cfg.batch_size}"
+                         f" x world_size={world_size} x gradient_acc={cfg.gradient_acc}")
+    return steps * cfg.gradient_acc, steps
+
+
+def repartition_states(cfg, env, saved):
+    """Resume from `saved` (this rank's checkpoint) when it was written by a different world size: merge the Partial
+    FC shards (and their optimiser state) of all old ranks and cut this rank's shard."""
+    old_world = saved["world_size"]
+    states = [ckpt.load(ckpt.checkpoint_path(cfg.output, r)) for r in range(old_world)]
+    merged = merge_shards([s["state_dict_softmax_fc"]["weight"] for s in states])
+    saved["state_dict_softmax_fc"] = {"weight": shard_for_rank(merged, env.rank, env.world_size)}
+    opt = saved["state_optimizer"]
+    head_index = opt["param_groups"][1]["params"][0]
+    head_state = {}
+    for key, value in opt["state"].get(head_index, {}).items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == states[0]["state_dict_softmax_fc"][
+                "weight"].shape[0]:
+            full = merge_shards([s["state_optimizer"]["state"][head_index][key] for s in states])
+            value = shard_for_rank(full, env.rank, env.world_size)
+        head_state[key] = value
+    if head_state:
+        opt["state"][head_index] = head_state
+    # the same samples were seen: convert the position inside the epoch to the new global batch
+    seen = saved["step_in_epoch"] * cfg.gradient_acc * cfg.batch_size * old_world
+    saved["step_in_epoch"] = seen // (cfg.gradient_acc * cfg.batch_size * env.world_size)
+    return saved
+
+
+def load_resume(cfg, env, logger):
+    own = ckpt.checkpoint_path(cfg.output, env.rank)
+    first = ckpt.checkpoint_path(cfg.output, 0)
+    if not os.path.exists(first):
+        logger.warning(f"resume=True but {first} does not exist; starting from scratch")
+        return None
+    saved = ckpt.load(own if os.path.exists(own) else first)
+    if saved["world_size"] != env.world_size:
+        logger.info(f"checkpoint written by {saved['world_size']} ranks, running on {env.world_size}: "
+                    "re-partitioning the Partial FC shards")
+        saved = repartition_states(cfg, env, saved)
+    return saved
+
+
+def save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step):
+    """Per-rank resumable checkpoint (atomic)."""
+    ckpt.atomic_save({
+        "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+        "world_size": env.world_size, "rank": env.rank, "network": cfg.network,
+        "state_dict_backbone": ckpt.unwrap(backbone).state_dict(),
+        "state_dict_softmax_fc": head.state_dict(),
+        "state_optimizer": optimizer.state_dict(),
+        "state_lr_scheduler": scheduler.state_dict(),
+        "state_scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": ckpt.rng_state(),
+    }, ckpt.checkpoint_path(cfg.output, env.rank))
+
+
+def export_onnx(cfg, backbone, logger):
+    try:
+        from tools.torch2onnx import export_onnx as export
+        import onnx  # noqa: F401
+    except ImportError as e:
+        logger.warning(f"ONNX export skipped: {e}")
+        return
+    try:
+        path = export(ckpt.unwrap(backbone), os.path.join(cfg.output, "model.onnx"),
+                      img_size=getattr(ckpt.unwrap(backbone), "img_size", 112))
+        logger.info(f"exported {path}")
+    except Exception as e:  # an export problem must never lose a finished training run
+        logger.warning(f"ONNX export failed: {e!r}")
+
+
+def train(cfg, env, stop=None):
+    """Run training. `stop(global_step) -> bool` is polled after every optimiser step (SIGTERM/SIGINT handler in
+    main(); tests use it to interrupt at a chosen step). Returns {"status": "finished"|"preempted"|"nonfinite",
+    "global_step": int}."""
+    logger = init_logging(env.rank, cfg.output)
+    seed_everything(cfg.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if env.rank == 0:
+        logger.info("config:\n" + "\n".join(f"  {k}: {cfg[k]!r}" for k in sorted(cfg)))
+    amp_dtype, use_scaler = resolve_amp(cfg, env.device, logger)
+
+    loader = get_dataloader(cfg.rec, env.local_rank, cfg.batch_size, dali=cfg.dali, seed=cfg.seed,
+                            num_workers=cfg.num_workers, num_classes=cfg.num_classes)
+    batches_per_epoch, steps_per_epoch = schedule(cfg, len(loader), env.world_size)
+    total_step = steps_per_epoch * cfg.num_epoch
+    warmup_step = steps_per_epoch * cfg.warmup_epoch
+
+    backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)
+    is_vit = hasattr(backbone, "patch_size")
+    head = PartialFC(CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold),
+                     cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype).to(env.device)
+    optimizer = build_optimizer(cfg, backbone, head)
+    head.register_optimizer(optimizer)
+    scheduler = PolyScheduler(optimizer, cfg.lr, total_step, warmup_step)
+    scaler = torch.amp.GradScaler("cuda", growth_interval=100) if use_scaler else None
+
+    start_epoch, start_in_epoch, global_step = 0, 0, 0
+    pending_rng = None
+    saved = load_resume(cfg, env, logger) if cfg.resume else None
+    if saved is not None:
+        backbone.load_state_dict(saved["state_dict_backbone"])
+        head.load_state_dict(saved["state_dict_softmax_fc"])
+        optimizer.load_state_dict(saved["state_optimizer"])
+        scheduler.load_state_dict(saved["state_lr_scheduler"])
+        if scaler is not None and saved["state_scaler"]:
+            scaler.load_state_dict(saved["state_scaler"])
+        if saved["world_size"] == env.world_size:
+            pending_rng = saved["rng"]
+        start_epoch, start_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        if start_in_epoch >= steps_per_epoch:
+            start_epoch, start_in_epoch = start_epoch + 1, 0
+        logger.info(f"resumed at epoch {start_epoch}, step {start_in_epoch} of the epoch, global step {global_step}")
+        del saved
+
+    model = backbone
+    if env.distributed:
+        model = DistributedDataParallel(backbone, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                        broadcast_buffers=False, bucket_cap_mb=16,
+                                        find_unused_parameters=is_vit)  # as released (ViT aux outputs vary by switch)
+    model.train()
+    head.train()
+
+    writer = None
+    if env.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+    log_callback = CallBackLogging(cfg.frequent, total_step, cfg.batch_size * cfg.gradient_acc, env.world_size,
+                                   global_step, writer, logger)
+    verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None
+    loss_meter = AverageMeter()
+    loss_window = torch.zeros((), device=env.device)  # sum of step losses since the last log, kept on the device
+    window_steps, nonfinite_run = 0, 0
+    status = "finished"
+    autocast = dict(device_type=env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    for epoch in range(start_epoch, cfg.num_epoch):
+        loader.sampler.set_epoch(epoch)
+        skip = start_in_epoch * cfg.gradient_acc if epoch == start_epoch else 0
+        if skip:
+            loader.sampler.set_start_batch(skip)
+        step_in_epoch = skip // cfg.gradient_acc
+        if pending_rng is not None and not skip:
+            ckpt.set_rng_state(pending_rng)
+            pending_rng = None
+        step_loss = torch.zeros((), device=env.device)
+        for batch_idx, (images, labels) in enumerate(loader, start=skip):
+            if batch_idx >= batches_per_epoch:
+                break
+            if pending_rng is not None:
+                # mid-epoch: the uninterrupted run drew the loader's base seed before this step, so restore after
+                ckpt.set_rng_state(pending_rng)
+                pending_rng = None
+            last_micro = (batch_idx + 1) % cfg.gradient_acc == 0
+            if cfg.dpap:
+                with torch.no_grad(), torch.autocast(**autocast):
+                    _, patch_weights, _ = backbone(images, return_aux=True)
+                images = dpap(images, patch_weights.float(), top_k=cfg.dpap_top_k, prob=cfg.dpap_prob,
+                              patch_size=backbone.patch_size, alpha=cfg.dpap_alpha)
+            sync_ctx = model.no_sync() if env.distributed and not last_micro else torch.enable_grad()
+            with sync_ctx:
+                with torch.autocast(**autocast):
+                    if cfg.ehsm:
+                        embeddings, _, patch_entropy = model(images, return_aux=True)
+                        weights = ehsm_weights(patch_entropy.float(), gamma=cfg.ehsm_gamma, top_k=cfg.ehsm_top_k,
+                                               measure=cfg.ehsm_measure, reduction=cfg.ehsm_reduction)
+                    else:
+                        embeddings, weights = model(images), None
+                loss = head(embeddings, labels, weights)
+                scaled = loss / cfg.gradient_acc
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss += loss.detach() / cfg.gradient_acc
+            if not last_micro:
+                continue
+
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip)
+            flags = torch.stack([(~torch.isfinite(step_loss)).float(),
+                                 torch.tensor(float(bool(stop and stop(global_step + 1))), device=env.device)])
+            nonfinite, stop_now = (bool(v) for v in all_reduce_max(flags).tolist())
+            if scaler is not None:
+                scaler.step(optimizer)  # skips by itself when a gradient is inf/nan
+                scaler.update()
+            elif not nonfinite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            global_step += 1
+            step_in_epoch += 1
+            if nonfinite:
+                nonfinite_run += 1
+                logger.warning(f"non-finite loss at global step {global_step} ({nonfinite_run} in a row); "
+                               "update skipped")
+                if nonfinite_run >= cfg.max_nonfinite_steps:
+                    logger.error(f"stopping: the loss was non-finite for {nonfinite_run} consecutive steps "
+                                 f"(last at global step {global_step}); checkpoints in {cfg.output} were not "
+                                 "overwritten — lower lr, use amp=bf16/none or check the data, then resume")
+                    status = "nonfinite"
+                    break
+            else:
+                nonfinite_run = 0
+                loss_window += step_loss
+                window_steps += 1
+            step_loss = torch.zeros((), device=env.device)
+
+            if global_step % cfg.frequent == 0:
+                if window_steps and env.rank == 0:
+                    loss_meter.update(loss_window.item() / window_steps, window_steps)  # the only loss read
+                loss_window.zero_()
+                window_steps = 0
+            if global_step % cfg.frequent == 0 and env.rank == 0:
+                log_callback(global_step, loss_meter, epoch, scheduler.get_last_lr()[0],
+                             scaler.get_scale() if scaler is not None else None)
+            if verify is not None and global_step % cfg.verbose == 0:
+                verify(global_step, backbone)
+            if stop_now:
+                save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step)
+                barrier()
+                logger.warning(f"stop requested: saved a resumable checkpoint at global step {global_step} (epoch "
+                               f"{epoch}, step {step_in_epoch} of {steps_per_epoch}) in {cfg.output}; continue with "
+                               "--opts resume=True")
+                status = "preempted"
+                break
+        if status != "finished":
+            break
+        if cfg.save_all_states:
+            save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch + 1, 0, global_step)
+        if env.rank == 0:
+            ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+
+    if status == "finished" and env.rank == 0:
+        ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+        if cfg.export_onnx:
+            export_onnx(cfg, backbone, logger)
+    if writer is not None:
+        writer.close()
+    return {"status": status, "global_step": global_step}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = get_config(args.config, args.opts)
+    env = setup_distributed(args.local_rank)
+    requested = {"signal": None}
+
+    def on_signal(signum, frame):
+        requested["signal"] = signum  # acted on after the current optimiser step, on every rank together
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        result = train(cfg, env, stop=lambda step: requested["signal"] is not None)
+        if result["status"] == "nonfinite":
+            code = EXIT_NONFINITE
+        elif result["status"] == "preempted":
+            print(f"rank {env.rank}: interrupted by signal {requested['signal']}; state saved at global step "
+                  f"{result['global_step']}", file=sys.stderr)
+    finally:
+        cleanup_distributed()
+    if env.distributed:
+        # gloo processes sometimes abort in interpreter teardown after all work is done (REFERENCE §7); everything
+        # is written and the group is destroyed, so leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message=".*torch.distributed.launch.*")
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Crash-safe checkpoint files and the RNG state they carry (REFERENCE.md §3.12).
+
+Every file is written to `<path>.tmp.<pid>`, flushed and fsynced, then renamed over `<path>` (os.replace is atomic on
+POSIX), and the directory entry is fsynced: a crash at any moment leaves either the old complete file or the new
+complete file. Contents are tensors, numbers, strings and plain containers only, so `torch.load(...,
+weights_only=True)` reads them back (no code runs while loading).
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path` so that `path` is never a partial file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path, map_location="cpu"):
+    """torch.load with weights_only=True and an error naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"cannot load checkpoint {path}: {e} (only tensors, numbers, strings and containers are "
+                           "accepted; the file may be corrupt or not a checkpoint of this project)") from e
+
+
+def unwrap(model):
+    """The module inside DDP (checkpoint keys never carry the 'module.' prefix)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def rng_state():
+    """torch (CPU and every CUDA device), numpy and python RNG states as tensors/lists (weights_only-safe)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def checkpoint_path(output, rank):
+    return os.path.join(output, f"checkpoint_gpu_{rank}.pt")

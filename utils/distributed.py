@@ -1,0 +1,60 @@
+"""Process-group setup for every way train.py is launched.
+
+- torchrun (single or multi node): LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment.
+- `python -m torch.distributed.launch`: passes --local-rank=N (or --local_rank with old torch) and sets the same env.
+- plain `python train.py ...`: no env at all -> a world of one. No process group is created then (Partial FC and the
+  loop run without collectives), so no port is ever needed.
+The backend is nccl when CUDA is available, gloo otherwise.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_distributed(local_rank_arg=None):
+    """Initialise the process group if the launcher asked for one; return the DistEnv of this process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # env:// reads MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set by the launcher
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return DistEnv(rank, local_rank, world_size, device)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_max(tensor):
+    """In-place MAX over ranks (no-op in a world of one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
