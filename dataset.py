@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.recordio import RecordIOError, IndexedRecordReader, decode_image, image_label, insightface_layout
+from utils.recordio import (RecordIOError, IndexedRecordReader, decode_image, identity_starts, image_label,
+                            insightface_layout)
 
 IMAGE_SIZE = 112
 SYNTHETIC_LENGTH = 1_000_000
@@ -44,14 +45,16 @@ def check_label(label, num_classes, where):
 
 
 class FlipMixin:
-    """Random horizontal flip (p=0.5) from a per-process generator, re-seeded per worker and epoch (seed_flips),
-    so two runs with the same seed flip the same images."""
+    """Random horizontal flip (p=0.5) decided per sample from (seed, epoch, dataset index) alone: the same image gets
+    the same flip in the same epoch whatever the worker count, and a mid-epoch resume that skips the batches already
+    seen (set_start_batch) flips the remaining ones exactly like the uninterrupted run (a per-worker random stream
+    would be shifted by the skipped samples)."""
 
-    def seed_flips(self, worker_seed):
-        self._flip_rng = np.random.default_rng([worker_seed, self.epoch])
+    def seed_flips(self, seed):
+        self._flip_seed = seed
 
-    def draw_flip(self):
-        return bool(self._flip_rng.random() < 0.5)
+    def draw_flip(self, index):
+        return bool(np.random.default_rng([self._flip_seed, self.epoch, index]).random() < 0.5)
 
 
 class MXFaceDataset(FlipMixin, Dataset):
@@ -66,6 +69,8 @@ class MXFaceDataset(FlipMixin, Dataset):
             key = int(self.image_keys[-1]) + 1 + num_classes
             raise RecordIOError(f"{self.rec_path}: record key {key}: the header lists {num_ids} identities (labels up "
                                 f"to {num_ids - 1}) but num_classes is {num_classes}")
+        # class c owns image keys starts[c]..starts[c+1]-1 (None without identity records, e.g. an im2rec file)
+        self.starts = identity_starts(self.reader, self.image_keys, num_ids) if num_ids is not None else None
         self.num_classes, self.resize, self.flip = num_classes, resize, flip
         self.epoch = 0
         self.seed_flips(0)
@@ -73,13 +78,26 @@ class MXFaceDataset(FlipMixin, Dataset):
     def __len__(self):
         return len(self.image_keys)
 
+    def check_identity(self, label, key, where):
+        starts = self.starts
+        if starts is not None and not (label < starts.size - 1 and starts[label] <= key < starts[label + 1]):
+            owner = int(np.searchsorted(starts, key, side="right")) - 1
+            raise RecordIOError(f"{where}: label {label}, but the identity records put this key in class {owner} "
+                                f"(keys {starts[owner]}..{starts[owner + 1] - 1}); the label field or the offset in "
+                                f"{self.reader.idx_path} is corrupt")
+        return label
+
     def __getitem__(self, index):
         key = int(self.image_keys[index])
         where = f"{self.rec_path}: record key {key}"
         header, payload = self.reader.read_header(key)
-        label = check_label(image_label(header), self.num_classes, where)
+        try:
+            label = image_label(header)
+        except RecordIOError as e:
+            raise RecordIOError(f"{where}: {e}") from None
+        label = self.check_identity(check_label(label, self.num_classes, where), key, where)
         img = check_size(decode_image(payload, where), self.resize, where)
-        return to_tensor(img, self.flip and self.draw_flip()), torch.tensor(label, dtype=torch.int64)
+        return to_tensor(img, self.flip and self.draw_flip(index)), torch.tensor(label, dtype=torch.int64)
 
 
 class ImageFolderDataset(FlipMixin, Dataset):
@@ -112,7 +130,7 @@ class ImageFolderDataset(FlipMixin, Dataset):
         path, label = self.samples[index]
         with open(path, "rb") as f:
             img = check_size(decode_image(f.read(), path), self.resize, path)
-        return to_tensor(img, self.flip and self.draw_flip()), torch.tensor(label, dtype=torch.int64)
+        return to_tensor(img, self.flip and self.draw_flip(index)), torch.tensor(label, dtype=torch.int64)
 
 
 class DistributedSampler(Sampler):
@@ -149,12 +167,13 @@ class DistributedSampler(Sampler):
 
 
 def seed_worker(worker_id, rank, num_workers, seed):
-    """Worker seed num_workers*rank + worker_id + seed (§3.10) for python/numpy/torch and the flip generator."""
+    """Worker seed num_workers*rank + worker_id + seed (§3.10) for python/numpy/torch; the flips use `seed` itself
+    (they depend on the sample, not on the worker that loads it)."""
     worker_seed = num_workers * rank + worker_id + seed
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)
     torch.manual_seed(worker_seed)
-    torch.utils.data.get_worker_info().dataset.seed_flips(worker_seed)
+    torch.utils.data.get_worker_info().dataset.seed_flips(seed)
 
 
 class DeviceLoader:
@@ -169,9 +188,8 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self):
-        self.dataset.epoch = self.sampler.epoch  # read by seed_flips in the workers forked below
-        if self.loader.num_workers == 0:
-            self.dataset.seed_flips(self.seed + self.rank)
+        self.dataset.epoch = self.sampler.epoch  # read by draw_flip, also in the workers forked below
+        self.dataset.seed_flips(self.seed)
         if self.device.type != "cuda":
             yield from self.loader
             return

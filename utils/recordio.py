@@ -169,21 +169,25 @@ class IndexedRecordReader:
         """Raw record bytes (IRHeader + payload) of `key`, parts re-joined."""
         key = int(key)
         f = self._file()
-        f.seek(int(self._offsets[self._position(key)]))
+        offset = int(self._offsets[self._position(key)])
+        f.seek(offset)
         parts = []
         while True:
+            # a bad first part may as well be a corrupt .idx offset: name both files
+            source = "" if parts else f" (offset {offset} from {self.idx_path})"
             head = f.read(8)
             if len(head) < 8:
-                raise RecordIOError(f"{self.rec_path}: record key {key}: truncated record (file ends in a part header)")
+                raise RecordIOError(f"{self.rec_path}: record key {key}: truncated record (file ends in a part "
+                                    f"header){source}")
             magic, lrec = struct.unpack("<II", head)
             if magic != MAGIC:
                 raise RecordIOError(f"{self.rec_path}: record key {key}: bad magic 0x{magic:08X} at byte "
-                                    f"{f.tell() - 8} (expected 0x{MAGIC:08X})")
+                                    f"{f.tell() - 8} (expected 0x{MAGIC:08X}){source}")
             cflag, length = lrec >> 29, lrec & _LEN_MASK
             data = f.read(length)
             if len(data) < length:
                 raise RecordIOError(f"{self.rec_path}: record key {key}: truncated record (needs {length} bytes, "
-                                    f"file has {len(data)} left)")
+                                    f"file has {len(data)} left){source}")
             parts.append(data)
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(parts)
@@ -241,9 +245,39 @@ class IndexedRecordWriter:
 
 
 def image_label(header):
-    """Class id of an image record (first element of an array label, like arcface_torch)."""
-    label = header.label
-    return int(label[0]) if np.ndim(label) else int(label)
+    """Class id of an image record (first element of an array label, like arcface_torch). The float must be a
+    whole number: a corrupted label field must not be truncated into some valid-looking class id."""
+    label = float(header.label[0] if np.ndim(header.label) else header.label)
+    if not (np.isfinite(label) and label == int(label)):
+        raise RecordIOError(f"label {label!r} is not an integer class id")
+    return int(label)
+
+
+def identity_starts(reader, image_keys, num_ids):
+    """-> int64 [num_ids + 1] with the images of class c at keys starts[c] .. starts[c+1]-1.
+
+    `image_keys` is the range(1, A) of insightface_layout. The identity records (keys A .. A+num_ids-1, labels
+    [start, end)) must split it into consecutive ranges in class order, as insightface writes them. The dataset
+    checks every image label against its key's range, so a flipped label field or a .idx offset pointing at
+    another class's record is an error, not a silently wrong label."""
+    first, stop = image_keys.start, image_keys.stop
+    starts = np.empty(num_ids + 1, dtype=np.int64)
+    starts[0] = first
+    for c in range(num_ids):
+        key = stop + c
+        header, _ = reader.read_header(key)
+        bounds = header.label.tolist() if header.flag >= 2 else None
+        ok = bounds is not None and all(np.isfinite(v) and v == int(v) for v in bounds[:2])
+        if not ok or int(bounds[0]) != starts[c] or not starts[c] <= int(bounds[1]) <= stop:
+            raise RecordIOError(f"{reader.rec_path}: record key {key}: identity record of class {c} has labels "
+                                f"{bounds if bounds is not None else header.label}, expected [{starts[c]}, end) with "
+                                f"end <= {stop} (identity records must split the image keys in class order; the file "
+                                f"is corrupt or not in the insightface layout)")
+        starts[c + 1] = int(bounds[1])
+    if starts[-1] != stop:
+        raise RecordIOError(f"{reader.rec_path}: the {num_ids} identity records cover image keys {first}.."
+                            f"{starts[-1] - 1}, but the header lists images up to key {stop - 1}")
+    return starts
 
 
 def insightface_layout(reader):
