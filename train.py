@@ -90,7 +90,22 @@ def repartition_states(cfg, env, saved):
     """Resume from `saved` (this rank's checkpoint) when it was written by a different world size: merge the Partial
     FC shards (and their optimiser state) of all old ranks and cut this rank's shard."""
     old_world = saved["world_size"]
-    states = [ckpt.load(ckpt.checkpoint_path(cfg.output, r)) for r in range(old_world)]
+    paths = [ckpt.checkpoint_path(cfg.output, r) for r in range(old_world)]
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"cannot re-partition the Partial FC shards for {env.world_size} rank(s): {path} is missing. The "
+                f"previous run used {old_world} ranks and all of its checkpoint files (checkpoint_gpu_0.pt .. "
+                f"checkpoint_gpu_{old_world - 1}.pt) are needed in the output folder {cfg.output}; copy them there, "
+                f"or resume with {old_world} ranks")
+    states = [ckpt.load(path) for path in paths]
+    for path, state in zip(paths, states):
+        if state.get("world_size") != old_world or state.get("global_step") != saved.get("global_step"):
+            raise RuntimeError(
+                f"cannot re-partition the Partial FC shards: {path} was written by a run of "
+                f"{state.get('world_size')} rank(s) at global step {state.get('global_step')}, but this resume needs "
+                f"the checkpoints of {old_world} rank(s) at global step {saved.get('global_step')}; the "
+                f"checkpoint_gpu_*.pt files in {cfg.output} must all come from the same save of the previous run")
     merged = merge_shards([s["state_dict_softmax_fc"]["weight"] for s in states])
     saved["state_dict_softmax_fc"] = {"weight": shard_for_rank(merged, env.rank, env.world_size)}
     opt = saved["state_optimizer"]
@@ -158,6 +173,10 @@ def train(cfg, env, stop=None):
     main(); tests use it to interrupt at a chosen step). Returns {"status": "finished"|"preempted"|"nonfinite",
     "global_step": int}."""
     logger = init_logging(env.rank, cfg.output)
+    # temp files of saves interrupted by a kill: each rank removes those of its own files
+    own_files = [os.path.basename(ckpt.checkpoint_path(cfg.output, env.rank))] + (["model.pt"] if env.rank == 0 else [])
+    for path in ckpt.remove_stale_temp_files(cfg.output, own_files):
+        logger.info(f"removed {path}, left by a save that was interrupted")
     seed_everything(cfg.seed + env.rank)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -340,8 +359,11 @@ def main(argv=None):
         if result["status"] == "nonfinite":
             code = EXIT_NONFINITE
         elif result["status"] == "preempted":
-            print(f"rank {env.rank}: interrupted by signal {requested['signal']}; state saved at global step "
-                  f"{result['global_step']}", file=sys.stderr)
+            if requested["signal"] is not None:
+                reason = f"interrupted by signal {requested['signal']}"
+            else:  # this rank got no signal: the cross-rank stop flag was raised by another rank
+                reason = "stopped because another rank requested a stop (it received SIGTERM/SIGINT)"
+            print(f"rank {env.rank}: {reason}; state saved at global step {result['global_step']}", file=sys.stderr)
     finally:
         cleanup_distributed()
     if env.distributed:

@@ -4,6 +4,7 @@ read_meta -> IJBImages (DataLoader) -> embed -> image_to_template_features -> pa
                                                                             -> identification_1n
 """
 import csv
+import io
 import os
 
 import cv2
@@ -38,9 +39,14 @@ def _require(path):
 
 
 def _split_lines(path):
-    """Yield (line_number, fields) for every non-empty line."""
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    """Yield (line_number, fields) for every non-empty line. Read as bytes and decoded line by line, so a byte that
+    is not UTF-8 is reported with its file and line instead of as a bare UnicodeDecodeError."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{number}: not UTF-8 text") from None
             fields = line.split()
             if fields:
                 yield number, fields
@@ -142,8 +148,18 @@ def read_meta(ijb_dir, target="IJBC"):
 def read_1n_csv(path):
     """1:N csv (header row, then TEMPLATE_ID,SUBJECT_ID,...) -> per-template (template_ids, subject_ids)."""
     _require(path)
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        number = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{number}: not UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as error:
+        raise ValueError(f"{path}:{reader.line_num}: malformed csv: {error}") from None
     ids = []
     for number, fields in enumerate(rows[1:], 2):
         if len(fields) < 2:

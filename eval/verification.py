@@ -52,15 +52,30 @@ def read_bin(path):
             obj = _unpickle(raw, encoding="bytes")
     except Exception as e:
         raise BinLoadError(f"{path}: not a valid verification .bin (pickle of (images, issame)): {e}") from e
+    # Check the structure exactly: a flipped opcode byte can turn an element into another object (e.g. a pickled
+    # True into an empty set), which a lenient bool(x) would silently read as a label.
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BinLoadError(f"{path}: expected a pickled 2-tuple (images, issame), got {type(obj).__name__}")
-    bins, issame = list(obj[0]), [bool(x) for x in obj[1]]
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)):
+        raise BinLoadError(f"{path}: images must be a list of encoded images, got {type(bins).__name__}")
+    if isinstance(issame, np.ndarray) and issame.dtype == np.bool_ and issame.ndim == 1:
+        issame = list(issame)  # np.bool_ items
+    if not isinstance(issame, (list, tuple)):
+        raise BinLoadError(f"{path}: issame must be a list of booleans, got {type(issame).__name__}")
+    for i, x in enumerate(issame):
+        if not isinstance(x, (bool, np.bool_)):
+            raise BinLoadError(f"{path}: issame[{i}] is a {type(x).__name__}, not a boolean")
     if len(bins) != 2 * len(issame):
         raise BinLoadError(f"{path}: {len(bins)} images for {len(issame)} pairs (need exactly 2 per pair)")
-    bins = [b.tobytes() if isinstance(b, np.ndarray) else b for b in bins]
-    if not all(isinstance(b, (bytes, bytearray)) for b in bins):
-        raise BinLoadError(f"{path}: images must be encoded bytes")
-    return bins, issame
+    out = []
+    for i, b in enumerate(bins):
+        if isinstance(b, np.ndarray):
+            b = b.tobytes()  # some converted files store each encoded image as a uint8 array
+        if not isinstance(b, (bytes, bytearray)):
+            raise BinLoadError(f"{path}: image {i} is a {type(b).__name__}, not encoded image bytes")
+        out.append(bytes(b))
+    return out, [bool(x) for x in issame]
 
 
 def load_bin(path, image_size=(112, 112)):

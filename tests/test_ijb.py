@@ -359,3 +359,31 @@ def test_bad_1n_csv(small_meta):
     write(meta + "1N_probe_mixed.csv", "TEMPLATE_ID,SUBJECT_ID\n1,2\n3\n")
     with pytest.raises(ValueError, match=r"1N_probe_mixed.csv:3: expected at least"):
         ijb.read_1n_csv(meta + "1N_probe_mixed.csv")
+
+
+@pytest.mark.parametrize("suffix", ["face_tid_mid.txt", "name_5pts_score.txt", "template_pair_label.txt",
+                                    "1N_probe_mixed.csv"])
+def test_non_utf8_byte_names_file_and_line(small_meta, suffix):
+    """A byte that is not UTF-8 is a ValueError naming the file and line, not a bare UnicodeDecodeError."""
+    root, meta = small_meta
+    raw = open(meta + suffix, "rb").read().split(b"\n")
+    raw[2] = raw[2][:1] + b"\xff" + raw[2][1:]  # line 3
+    with open(meta + suffix, "wb") as f:
+        f.write(b"\n".join(raw))
+    with pytest.raises(ValueError, match=rf"ijbc_{suffix.replace('.', '[.]')}:3: not UTF-8 text") as info:
+        if suffix.endswith(".csv"):
+            ijb.read_1n_csv(meta + suffix)
+        else:
+            ijb.read_meta(root)
+    assert not isinstance(info.value, UnicodeDecodeError)
+
+
+def test_malformed_1n_csv_names_file(small_meta):
+    """csv.Error (here: a field over csv.field_size_limit, e.g. a lost closing quote) names the file and line."""
+    import csv
+
+    _, meta = small_meta
+    write(meta + "1N_probe_mixed.csv", "TEMPLATE_ID,SUBJECT_ID\n1,2\n3," + "4" * (csv.field_size_limit() + 1) + "\n")
+    with pytest.raises(ValueError, match=r"1N_probe_mixed.csv:3: malformed csv: field larger than field limit") as info:
+        ijb.read_1n_csv(meta + "1N_probe_mixed.csv")
+    assert not isinstance(info.value, csv.Error)

@@ -162,6 +162,48 @@ def test_repartition_for_new_world_size(tmp_path):
             assert out["step_in_epoch"] == 2 * 2 // world  # same number of samples seen
 
 
+def test_repartition_needs_every_old_checkpoint(tmp_path):
+    """A missing or stale checkpoint of the previous world size is a clear error naming the file."""
+    cfg = tiny_cfg(tmp_path, "num_classes=11")
+    for rank, (start, stop) in enumerate([(0, 6), (6, 11)]):
+        ckpt.atomic_save({"world_size": 2, "global_step": 8, "step_in_epoch": 2,
+                          "state_dict_softmax_fc": {"weight": torch.zeros(stop - start, 32)},
+                          "state_optimizer": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}},
+                         ckpt.checkpoint_path(tmp_path, rank))
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    stale = final_state(tmp_path)
+    stale["global_step"] = 4
+    ckpt.atomic_save(stale, ckpt.checkpoint_path(tmp_path, 0))
+    with pytest.raises(RuntimeError, match=r"checkpoint_gpu_0\.pt was written by a run of 2 rank\(s\) at global "
+                                           r"step 4, but this resume needs the checkpoints of 2 rank\(s\) at global "
+                                           r"step 8"):
+        train.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 1)))
+    os.remove(ckpt.checkpoint_path(tmp_path, 1))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint_gpu_1\.pt is missing\. The previous run used 2 ranks "
+                                                r"and all of its checkpoint files \(checkpoint_gpu_0\.pt \.\. "
+                                                r"checkpoint_gpu_1\.pt\) are needed in the output folder"):
+        train.repartition_states(cfg, env, final_state(tmp_path))
+
+
+def test_stale_checkpoint_temp_files_removed_at_startup(tmp_path):
+    """Temp files left by a process killed mid-save are deleted when training starts: rank 0 removes those of its
+    own checkpoint and of model.pt, nothing else (other ranks' temp files, other names, other suffixes)."""
+    stale = ["checkpoint_gpu_0.pt.tmp.4242", "checkpoint_gpu_0.pt.tmp.1", "model.pt.tmp.77"]
+    kept = ["checkpoint_gpu_1.pt.tmp.4242", "checkpoint_gpu_0.pt.tmp.x1", "checkpoint_gpu_0.pt.tmp.",
+            "checkpoint_gpu_10.pt.tmp.5", "mycheckpoint_gpu_0.pt.tmp.5", "model.pt.tmp.77.bak", "notes.tmp.3"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    assert sorted(ckpt.remove_stale_temp_files(str(tmp_path / "missing"), ["model.pt"])) == []
+    result = train.train(tiny_cfg(tmp_path, "num_epoch=1"), CPU)
+    assert result == {"status": "finished", "global_step": 4}
+    assert sorted(n for n in os.listdir(tmp_path) if ".tmp" in n) == sorted(kept)
+    log = (tmp_path / "training.log").read_text()
+    assert all(f"removed {tmp_path / name}, left by a save that was interrupted" in log for name in stale)
+    # the helper on its own: exactly the given names, any pid
+    removed = ckpt.remove_stale_temp_files(str(tmp_path), ["checkpoint_gpu_1.pt", "checkpoint_gpu_10.pt"])
+    assert removed == [str(tmp_path / "checkpoint_gpu_1.pt.tmp.4242"), str(tmp_path / "checkpoint_gpu_10.pt.tmp.5")]
+
+
 def test_fp16_on_cpu_falls_back_to_bf16(tmp_path, recording):
     import logging
 

@@ -156,3 +156,30 @@ def test_callback_evaluates_present_targets_only(tmp_path):
     results = callback(100, MeanColour())
     assert [(name, acc) for name, acc, _, _ in results] == [("lfw", 1.0)]
     assert callback.best == [1.0]
+
+
+@pytest.mark.parametrize("payload,message", [
+    (([b"a", b"b"], [set()]), r"issame\[0\] is a set, not a boolean"),  # a flipped NEWTRUE opcode -> EMPTY_SET
+    (([b"a", b"b"], [1]), r"issame\[0\] is a int, not a boolean"),
+    (([b"a", b"b"], (True,), 3), r"expected a pickled 2-tuple"),
+    (([b"a", b"b"], "1"), r"issame must be a list of booleans, got str"),
+    ((b"ab", [True]), r"images must be a list of encoded images, got bytes"),
+    (([b"a", 7], [True]), r"image 1 is a int, not encoded image bytes"),
+    (([b"a", b"b", b"c"], [True]), r"3 images for 1 pairs"),
+])
+def test_malformed_structure_refused(tmp_path, payload, message):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(verification.BinLoadError, match=r"odd\.bin: " + message):
+        verification.read_bin(path)
+
+
+def test_numpy_bool_array_accepted(tmp_path):
+    path = tmp_path / "npbool.bin"
+    path.write_bytes(pickle.dumps(([b"a", b"b", b"c", b"d"], np.array([True, False])), protocol=4))
+    bins, issame = verification.read_bin(path)
+    assert bins == [b"a", b"b", b"c", b"d"] and issame == [True, False] and all(type(x) is bool for x in issame)
+    path.write_bytes(pickle.dumps(([b"a", b"b"], np.array([1])), protocol=4))
+    with pytest.raises(verification.BinLoadError, match=r"npbool\.bin: issame must be a list of booleans, got "
+                                                        r"ndarray"):
+        verification.read_bin(path)

@@ -2,11 +2,13 @@
 
 Every file is written to `<path>.tmp.<pid>`, flushed and fsynced, then renamed over `<path>` (os.replace is atomic on
 POSIX), and the directory entry is fsynced: a crash at any moment leaves either the old complete file or the new
-complete file. Contents are tensors, numbers, strings and plain containers only, so `torch.load(...,
+complete file; the `<path>.tmp.<pid>` a killed process leaves behind is deleted when training starts again
+(remove_stale_temp_files). Contents are tensors, numbers, strings and plain containers only, so `torch.load(...,
 weights_only=True)` reads them back (no code runs while loading).
 """
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ import torch
 def atomic_save(obj, path):
     """torch.save `obj` to `path` so that `path` is never a partial file."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -30,6 +32,30 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def temp_path(path):
+    """The temporary file atomic_save writes before renaming it over `path`."""
+    return f"{os.fspath(path)}.tmp.{os.getpid()}"
+
+
+def remove_stale_temp_files(folder, names):
+    """Delete the temporary files `<name>.tmp.<pid>` that atomic_save left in `folder` for any of `names` when its
+    process was killed mid-save (at startup no save of this process is in progress). Only names of exactly that
+    form are touched. -> sorted list of the removed paths."""
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + r")\.tmp\.[0-9]+")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if pattern.fullmatch(entry) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def load(path, map_location="cpu"):
