@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from prettytable import PrettyTable
+from prettytable import PrettyTable, TableStyle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -39,8 +39,7 @@ def main():
     for name, use_dpap, use_ehsm in VARIANTS:
         tag = name.replace("+", "").replace(" ", "_").lower()
         output = os.path.join(args.output, tag)
-        opts = [f"rec={os.path.join(args.data, 'train')}", f"output={output}", f"dpap={use_dpap}",
-                f"ehsm={use_ehsm}", "export_onnx=False"] + args.opts
+        opts = [f"output={output}", f"dpap={use_dpap}", f"ehsm={use_ehsm}", "export_onnx=False"] + args.opts
         subprocess.run([sys.executable, "tools/demo.py", "--config", args.config, "--data", args.data,
                         "--opts", *opts], cwd=REPO_ROOT, check=True)
         cfg = get_config(os.path.join(REPO_ROOT, args.config), opts)
@@ -50,7 +49,8 @@ def main():
         table.add_row([name, use_dpap, use_ehsm] + list(tars.values()))
     print(table)
     with open(os.path.join(REPO_ROOT, args.output, "ablation.md"), "w") as handle:
-        handle.write(table.get_formatted_string("markdown") + "\n")
+        table.set_style(TableStyle.MARKDOWN)
+        handle.write(table.get_string() + "\n")
 
 
 if __name__ == "__main__":
