@@ -9,10 +9,18 @@ One optimiser step (REFERENCE.md §1.6), repeated for `gradient_acc` micro-batch
     forward with grad -> EHSM weights from the patch entropies (only if cfg.ehsm) -> Partial FC loss -> backward
     [fp16: GradScaler] unscale -> clip grad-norm `grad_clip` on the backbone only -> optimiser -> zero_grad -> LR step
 
-Per optimiser step there is exactly one device->host read: a 2-element flag (loss non-finite, stop requested)
-all-reduced (MAX) over ranks, so that every rank takes the same decision about skipping a step, giving up after
-`max_nonfinite_steps` non-finite steps in a row, or saving on SIGTERM/SIGINT. GradScaler.step performs an equivalent
-read itself. The loss is accumulated on the device and read only every `frequent` steps.
+Host-device syncs: train.py makes none inside the step (ops with data-dependent shapes inside partial_fc.py and
+losses.py, e.g. nonzero/unique/boolean indexing, are those modules' own). A non-finite loss is detected on the device (`found_inf`, all-reduced MAX
+over ranks, a collective but no host read) and handed to the fused optimiser, whose kernel then skips the update
+(params, moments and the Adam step count stay as they were); with fp16 the GradScaler does the same with the found_inf
+of the gradients. The loss sum and the non-finite counters (run length, count in the window, last bad step, the step
+the run reached `max_nonfinite_steps`) stay on the device (NonFiniteMonitor) and are read in ONE transfer at the
+logging interval (global_step % frequent == 0), before every save (epoch end, stop) and so at the end. Then a run of
+`max_nonfinite_steps` stops training with no save: skipped steps leave the parameters finite, and no checkpoint is
+overwritten after the run began to diverge. Stop requests (SIGTERM/SIGINT, or the `stop` callback) are host flags:
+a world of one acts on them after the current step; with several ranks they are agreed (all-reduce MAX, in the same
+read) at the next logging interval or epoch end, so every rank saves at the same step — preemption takes effect within
+`frequent` steps on multi-rank runs.
 
 Deviations from the released train.py: the no-grad forward does not also call the FC head (its output was
 discarded); the LR scheduler counts optimiser steps and has no one-iteration lag (lr_scheduler.py); SGD works;
@@ -36,7 +44,7 @@ from losses import CombinedMarginLoss, ehsm_weights
 from lr_scheduler import PolyScheduler
 from partial_fc import PartialFC, merge_shards, shard_for_rank
 from utils import checkpoint as ckpt
-from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed
+from utils.distributed import all_gather_tensor, all_reduce_max, barrier, cleanup_distributed, setup_distributed
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
 from utils.utils_logging import AverageMeter, init_logging
@@ -70,10 +78,62 @@ def resolve_amp(cfg, device, logger):
 
 
 def build_optimizer(cfg, backbone, head):
+    """Fused AdamW / SGD (CPU and CUDA): their kernels take a device-side `found_inf` and skip the whole update when
+    it is non-zero, so a non-finite step is skipped without reading anything on the host."""
     groups = [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+class NonFiniteMonitor:
+    """Device-side bookkeeping between two host reads: the sum of finite step losses of the window, the current run
+    of non-finite steps, their count in the window, the global step of the last one and the step at which a run first
+    reached `max_nonfinite` (0: never). record() launches a few tiny kernels and never syncs; read() is the one
+    device->host transfer (with the cross-rank agreement on the stop flag) and starts a new window."""
+
+    def __init__(self, device, start_step, max_nonfinite):
+        f64 = dict(device=device, dtype=torch.float64)  # exact step numbers
+        self.max_nonfinite = max_nonfinite
+        self.step = torch.full((), float(start_step), **f64)  # mirrors global_step on the device
+        self.consecutive = torch.zeros((), **f64)
+        self.window_bad = torch.zeros((), **f64)
+        self.last_bad = torch.zeros((), **f64)
+        self.tripped = torch.zeros((), **f64)
+        self.loss_sum = torch.zeros((), device=device)
+        self.window_steps = 0
+
+    @torch.no_grad()
+    def record(self, step_loss, found_inf):
+        bad = found_inf.to(torch.float64)
+        self.step += 1
+        self.consecutive = (self.consecutive + 1) * bad
+        self.window_bad += bad
+        self.last_bad = torch.where(bad > 0, self.step, self.last_bad)
+        self.tripped = torch.where((self.tripped == 0) & (self.consecutive >= self.max_nonfinite), self.step,
+                                   self.tripped)
+        self.loss_sum += torch.where(found_inf > 0, torch.zeros_like(step_loss), step_loss)
+        self.window_steps += 1
+
+    @torch.no_grad()
+    def read(self, stop_requested, distributed):
+        """-> dict(stop, consecutive, window_bad, last_bad, tripped, window_steps, mean_loss). The stop flag and the
+        counters are all-reduced MAX over ranks (counters are already equal: found_inf is all-reduced each step);
+        the loss is this rank's own."""
+        agreed = torch.stack([torch.full_like(self.consecutive, float(bool(stop_requested))), self.consecutive,
+                              self.window_bad, self.last_bad, self.tripped])
+        if distributed:
+            all_reduce_max(agreed)
+        stop, consecutive, window_bad, last_bad, tripped, loss_sum = torch.cat(
+            [agreed, self.loss_sum.to(torch.float64).reshape(1)]).tolist()  # the one host read
+        finite = self.window_steps - int(window_bad)
+        out = {"stop": bool(stop), "consecutive": int(consecutive), "window_bad": int(window_bad),
+               "last_bad": int(last_bad), "tripped": int(tripped), "window_steps": self.window_steps,
+               "mean_loss": loss_sum / finite if finite else None, "finite_steps": finite}
+        self.window_bad.zero_()
+        self.loss_sum.zero_()
+        self.window_steps = 0
+        return out
 
 
 def schedule(cfg, loader_len, world_size):
@@ -128,15 +188,48 @@ def repartition_states(cfg, env, saved):
 def load_resume(cfg, env, logger):
     own = ckpt.checkpoint_path(cfg.output, env.rank)
     first = ckpt.checkpoint_path(cfg.output, 0)
-    if not os.path.exists(first):
-        logger.warning(f"resume=True but {first} does not exist; starting from scratch")
-        return None
-    saved = ckpt.load(own if os.path.exists(own) else first)
-    if saved["world_size"] != env.world_size:
-        logger.info(f"checkpoint written by {saved['world_size']} ranks, running on {env.world_size}: "
-                    "re-partitioning the Partial FC shards")
-        saved = repartition_states(cfg, env, saved)
+    saved, used, error = None, None, None
+    try:
+        if not os.path.exists(first):
+            logger.warning(f"resume=True but {first} does not exist; starting from scratch")
+        else:
+            used = own if os.path.exists(own) else first
+            saved = ckpt.load(used)
+            if saved["world_size"] != env.world_size:
+                logger.info(f"checkpoint written by {saved['world_size']} ranks, running on {env.world_size}: "
+                            "re-partitioning the Partial FC shards")
+                saved = repartition_states(cfg, env, saved)
+    except Exception as e:  # every rank still joins the agreement below, so the others fail too instead of hanging
+        error = e
+    if env.distributed:
+        check_resume_agreement(cfg, env, saved, used, error)
+    if error is not None:
+        raise error
     return saved
+
+
+def check_resume_agreement(cfg, env, saved, used, error):
+    """Every rank must resume from the same save: gather (global step, file index) of all ranks and raise a clear
+    error when they differ, e.g. a stale checkpoint_gpu_1.pt of an earlier 2-rank run next to the checkpoint_gpu_0.pt
+    of a later 1-rank run (rank 1 would silently resume from an older step)."""
+    step = -2 if error is not None else (-1 if saved is None else int(saved["global_step"]))
+    index = -1 if used is None else int(os.path.basename(used)[len("checkpoint_gpu_"):-len(".pt")])
+    rows = all_gather_tensor(torch.tensor([step, index], dtype=torch.int64, device=env.device))
+    rows = [tuple(int(v) for v in row.tolist()) for row in rows]
+    if error is not None:
+        return  # this rank raises its own error
+    if any(s == -2 for s, _ in rows):
+        bad = [r for r, (s, _) in enumerate(rows) if s == -2]
+        raise RuntimeError(f"resume failed on rank(s) {bad} (see their error); rank {env.rank} stops too")
+    steps = {s for s, _ in rows}
+    if len(steps) > 1:
+        desc = ", ".join(f"rank {r}: " + (f"checkpoint_gpu_{i}.pt at global step {s}" if s >= 0 else "no checkpoint")
+                         for r, (s, i) in enumerate(rows))
+        raise RuntimeError(
+            f"cannot resume: the ranks would continue from different checkpoints ({desc}) in {cfg.output}. The "
+            "checkpoint_gpu_*.pt files there come from different saves, e.g. a stale file left by an earlier run "
+            "with more ranks; keep only the files of the latest save (delete the older ones: a resume with a "
+            "different world size re-partitions the Partial FC shards from checkpoint_gpu_0.pt .. of that save)")
 
 
 def save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step):
@@ -169,8 +262,10 @@ def export_onnx(cfg, backbone, logger):
 
 
 def train(cfg, env, stop=None):
-    """Run training. `stop(global_step) -> bool` is polled after every optimiser step (SIGTERM/SIGINT handler in
-    main(); tests use it to interrupt at a chosen step). Returns {"status": "finished"|"preempted"|"nonfinite",
+    """Run training. `stop(global_step) -> bool` is polled on the host after every optimiser step (SIGTERM/SIGINT
+    handler in main(); tests use it to interrupt at a chosen step): a world of one saves and stops at that step;
+    several ranks latch the request and agree on it at the next logging interval or epoch end (module docstring).
+    Returns {"status": "finished"|"preempted"|"nonfinite",
     "global_step": int}."""
     logger = init_logging(env.rank, cfg.output)
     # temp files of saves interrupted by a kill: each rank removes those of its own files
@@ -233,10 +328,34 @@ def train(cfg, env, stop=None):
                                    global_step, writer, logger)
     verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None
     loss_meter = AverageMeter()
-    loss_window = torch.zeros((), device=env.device)  # sum of step losses since the last log, kept on the device
-    window_steps, nonfinite_run = 0, 0
+    monitor = NonFiniteMonitor(env.device, global_step, cfg.max_nonfinite_steps)
+    stop_requested = False  # host flag, latched
     status = "finished"
     autocast = dict(device_type=env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def sync_point():
+        """The host read (monitor.read). -> (stop agreed by the ranks, non-finite limit reached). Logs non-finite
+        steps of the window, and the error when the limit was reached."""
+        state = monitor.read(stop_requested, env.distributed)
+        if state["finite_steps"] and env.rank == 0:
+            loss_meter.update(state["mean_loss"], state["finite_steps"])
+        if state["window_bad"]:
+            logger.warning(f"non-finite loss in {state['window_bad']} of the last {state['window_steps']} step(s), "
+                           f"the last at global step {state['last_bad']} ({state['consecutive']} in a row now); "
+                           "their updates were skipped")
+        if state["tripped"]:
+            logger.error(f"stopping at global step {global_step}: the loss was non-finite for "
+                         f"{cfg.max_nonfinite_steps} consecutive steps (reached at global step {state['tripped']}, "
+                         f"last non-finite at global step {state['last_bad']}); checkpoints in {cfg.output} were not "
+                         "overwritten — lower lr, use amp=bf16/none or check the data, then resume")
+        return state["stop"], bool(state["tripped"])
+
+    def save_for_stop(epoch, step_in_epoch):
+        save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step)
+        barrier()
+        logger.warning(f"stop requested: saved a resumable checkpoint at global step {global_step} (epoch "
+                       f"{epoch}, step {step_in_epoch} of {steps_per_epoch}) in {cfg.output}; continue with "
+                       "--opts resume=True")
 
     for epoch in range(start_epoch, cfg.num_epoch):
         loader.sampler.set_epoch(epoch)
@@ -248,6 +367,7 @@ def train(cfg, env, stop=None):
             ckpt.set_rng_state(pending_rng)
             pending_rng = None
         step_loss = torch.zeros((), device=env.device)
+        read_at = None  # global step of the last sync_point
         for batch_idx, (images, labels) in enumerate(loader, start=skip):
             if batch_idx >= batches_per_epoch:
                 break
@@ -280,58 +400,63 @@ def train(cfg, env, stop=None):
             if scaler is not None:
                 scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip)
-            flags = torch.stack([(~torch.isfinite(step_loss)).float(),
-                                 torch.tensor(float(bool(stop and stop(global_step + 1))), device=env.device)])
-            nonfinite, stop_now = (bool(v) for v in all_reduce_max(flags).tolist())
+            # 1.0 when the loss is NaN/Inf on any rank; stays on the device (a collective, no host read)
+            found_inf = all_reduce_max((~torch.isfinite(step_loss)).float())
             if scaler is not None:
-                scaler.step(optimizer)  # skips by itself when a gradient is inf/nan
+                # GradScaler finds inf/nan in the unscaled gradients itself and skips the update (documented torch
+                # behaviour; with these fused optimisers it passes its found_inf to the kernel without a host read)
+                scaler.step(optimizer)
                 scaler.update()
-            elif not nonfinite:
-                optimizer.step()
+            else:
+                optimizer.found_inf = found_inf  # the fused kernel skips params, moments and the step count
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.found_inf
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             global_step += 1
             step_in_epoch += 1
-            if nonfinite:
-                nonfinite_run += 1
-                logger.warning(f"non-finite loss at global step {global_step} ({nonfinite_run} in a row); "
-                               "update skipped")
-                if nonfinite_run >= cfg.max_nonfinite_steps:
-                    logger.error(f"stopping: the loss was non-finite for {nonfinite_run} consecutive steps "
-                                 f"(last at global step {global_step}); checkpoints in {cfg.output} were not "
-                                 "overwritten — lower lr, use amp=bf16/none or check the data, then resume")
+            monitor.record(step_loss, found_inf)
+            step_loss = torch.zeros((), device=env.device)
+            if stop is not None and not stop_requested:
+                stop_requested = bool(stop(global_step))  # host flag only
+
+            stop_now = False
+            if global_step % cfg.frequent == 0 or (stop_requested and not env.distributed):
+                read_at = global_step
+                stop_now, nonfinite = sync_point()
+                if nonfinite:
                     status = "nonfinite"
                     break
-            else:
-                nonfinite_run = 0
-                loss_window += step_loss
-                window_steps += 1
-            step_loss = torch.zeros((), device=env.device)
-
-            if global_step % cfg.frequent == 0:
-                if window_steps and env.rank == 0:
-                    loss_meter.update(loss_window.item() / window_steps, window_steps)  # the only loss read
-                loss_window.zero_()
-                window_steps = 0
             if global_step % cfg.frequent == 0 and env.rank == 0:
                 log_callback(global_step, loss_meter, epoch, scheduler.get_last_lr()[0],
                              scaler.get_scale() if scaler is not None else None)
             if verify is not None and global_step % cfg.verbose == 0:
                 verify(global_step, backbone)
             if stop_now:
-                save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step)
-                barrier()
-                logger.warning(f"stop requested: saved a resumable checkpoint at global step {global_step} (epoch "
-                               f"{epoch}, step {step_in_epoch} of {steps_per_epoch}) in {cfg.output}; continue with "
-                               "--opts resume=True")
+                save_for_stop(epoch, step_in_epoch)
                 status = "preempted"
                 break
         if status != "finished":
             break
-        if cfg.save_all_states:
+        # epoch end: read the counters (and agree on a stop) before anything is saved
+        stop_now = False
+        if read_at != global_step:
+            stop_now, nonfinite = sync_point()
+            if nonfinite:
+                status = "nonfinite"
+                break
+        if cfg.save_all_states or stop_now:
             save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch + 1, 0, global_step)
         if env.rank == 0:
             ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+        if stop_now:
+            barrier()
+            logger.warning(f"stop requested: saved a resumable checkpoint at global step {global_step} (end of "
+                           f"epoch {epoch}) in {cfg.output}; continue with --opts resume=True")
+            status = "preempted"
+            break
 
     if status == "finished" and env.rank == 0:
         ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))

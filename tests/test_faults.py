@@ -6,7 +6,8 @@
   3. SIGTERM / SIGINT: the process saves at the current step, says so and exits 0; the resumed run continues
      mid-epoch with the same batches (the label sequence of interrupted + resumed equals the uninterrupted one)
      and ends with bit-identical parameters. With two ranks (gloo) a SIGTERM that reaches rank 1 only stops both
-     ranks at the same step, and the 2-rank resume matches an uninterrupted 2-rank run rank by rank.
+     ranks at the same step (agreed at the logging interval, frequent=1 here), and the 2-rank resume matches an
+     uninterrupted 2-rank run rank by rank.
   4. A NaN injected into the loss from step 5 on: training stops after max_nonfinite_steps (exit code 3, the
      step number in the log) and the last good checkpoint and model.pt are byte-identical to what they were
      when the first NaN appeared. (With fp16 on CUDA the GradScaler skips such steps by itself; CPU runs without
@@ -218,7 +219,8 @@ def signal_scenario(root, data, sig):
 def two_rank_signal_scenario(root, data):
     """Item 3 with two ranks: SIGTERM reaches rank 1 only; both ranks must save at the same step and the 2-rank
     resume must match an uninterrupted 2-rank run."""
-    opts = COMMON + [f"rec={data}", "num_image=64", "num_epoch=2"]  # global batch 16: 4 steps per epoch
+    # global batch 16: 4 steps per epoch; several ranks agree on a stop at the logging interval: frequent=1
+    opts = COMMON + [f"rec={data}", "num_image=64", "num_epoch=2", "frequent=1"]
     codes = {"ref": [wait(pid) for pid in fork_ranks(opts + [f"output={os.path.join(root, 'dist_ref')}"],
                                                      "dist_ref", root)]}
     out = os.path.join(root, "dist")
@@ -237,10 +239,11 @@ def two_rank_signal_scenario(root, data):
 
 
 def nan_scenario(root, data):
-    """Item 4: NaN loss from the 5th step (epoch 1 of 4-step epochs), stop after 3 in a row."""
+    """Item 4: NaN loss from the 5th step (epoch 1 of 4-step epochs), stop after 3 in a row. The counters are read
+    at the logging interval: frequent=1 stops right at step 7."""
     out = os.path.join(root, "nan")
     opts = COMMON + [f"rec={data}", "num_image=32", "num_epoch=3", "max_nonfinite_steps=3", "dpap=False",
-                     f"output={out}"]
+                     "frequent=1", f"output={out}"]
     code = run(opts, os.path.join(root, "nan.out"),
                {"nan_from": 5, "output": out, "hashes": os.path.join(root, "nan_hashes.json")})
     return {"code": code, "out": out}
@@ -378,8 +381,9 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(scenarios
     r = result["nan"]
     assert r["code"] == 3  # train.EXIT_NONFINITE
     out = read(os.path.join(root, "nan.out"))
-    assert "non-finite loss at global step 5 (1 in a row); update skipped" in out
-    assert "the loss was non-finite for 3 consecutive steps (last at global step 7)" in out
+    assert "non-finite loss in 1 of the last 1 step(s), the last at global step 5 (1 in a row now)" in out
+    assert ("stopping at global step 7: the loss was non-finite for 3 consecutive steps (reached at global step 7, "
+            "last non-finite at global step 7)") in out
     with open(os.path.join(root, "nan_hashes.json")) as f:
         before = json.load(f)
     after = {n: sha256(os.path.join(r["out"], n)) for n in before}

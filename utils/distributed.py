@@ -58,3 +58,12 @@ def all_reduce_max(tensor):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_tensor(tensor):
+    """[tensor of rank 0, ..., tensor of rank W-1] (same shape everywhere); [tensor] in a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, tensor)
+        return out
+    return [tensor]
