@@ -29,22 +29,23 @@ class CombinedMarginLoss(nn.Module):
                              "use ArcFace (1, m, 0) or CosFace (1, 0, m)")
 
     def forward(self, logits, labels):
-        rows = torch.nonzero(labels != -1).flatten()
-        cols = labels[rows]
+        # Masks instead of nonzero()/index_put: no data-dependent shapes, so no host-device sync in the step.
+        on_rank = labels != -1
+        safe_labels = labels.clamp(min=0).unsqueeze(1)
+        is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, safe_labels, on_rank.unsqueeze(1))
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
                 # zero the too-similar negatives; the target column of on-rank rows is always kept
-                keep = logits <= self.interclass_filtering_threshold
-                keep[rows, cols] = True
+                keep = (logits <= self.interclass_filtering_threshold) | is_target
             logits = logits * keep
-        target = logits[rows, cols]
+        target = logits.gather(1, safe_labels)  # [N, 1]; rows with label -1 are masked out below
         if self.kind == "arcface":
             with torch.no_grad():
-                values = logits.index_put((rows, cols), torch.cos(torch.acos(target) + self.m2))
+                values = torch.where(is_target, torch.cos(torch.acos(target) + self.m2), logits)
             # value of `values`, gradient of `logits`: logits - logits.detach() is exactly 0
             logits = values + (logits - logits.detach())
         else:
-            logits = logits.index_put((rows, cols), target - self.m3)
+            logits = torch.where(is_target, target - self.m3, logits)
         return logits * self.s
 
 
