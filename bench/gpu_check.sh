@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks CPUs cannot show, as one script for a session that has a device machine (about 8 minutes on one
-# H100/H200). Prints everything; copies logs to $OUT when set. Record the figures in bench/README.md.
+# The GPU checks CPUs cannot show, as one script for a session that has a device machine (estimated under 10 minutes on one
+# H100/H200; not yet run). Prints everything; copies logs to $OUT when set. Record the figures in bench/README.md.
 #   1. the CUDA tests (DPAP on the device matches the NumPy reference, ...)
 #   2. DPAP throughput on CUDA vs the release-style NumPy loop, in the same run
 #   3. the training step: samples/s, time split and MFU for vit_t / vit_s (bf16), and TransFace-S at batch 128
