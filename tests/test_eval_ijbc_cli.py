@@ -12,6 +12,7 @@ import eval_ijbc
 from backbones import get_model
 from eval import ijb
 from tests.ijb_fixture import make_ijb_fixture
+from tools.torch2onnx import export_onnx
 
 TINY = '{"embed_dim": 32, "depth": 1, "num_features": 24}'
 
@@ -137,15 +138,13 @@ def test_ijbb_target_switches_file_names(tmp_path, capsys):
     assert read_csv_row(str(tmp_path / "res" / "b" / "ijbb_tar_far.csv"))[1][0] == "b-IJBB"
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_onnx_model_gives_the_same_table(setup, tmp_path):
     pytest.importorskip("onnxruntime")
     root, data, weights = setup
     model = get_model("vit_t", embed_dim=32, depth=1, num_features=24)
     model.load_state_dict(torch.load(weights, weights_only=True))
     path = str(tmp_path / "model.onnx")
-    torch.onnx.export(model.eval(), torch.zeros(1, 3, 112, 112), path, input_names=["data"],
-                      dynamic_axes={"data": {0: "batch"}}, dynamo=False)
+    export_onnx(model, path)
     run(data, path, str(tmp_path / "onnx"), "--onnx", "--save-features", str(tmp_path / "onnx_feats.npy"))
     run(data, weights, str(tmp_path / "torch"), "--save-features", str(tmp_path / "torch_feats.npy"))
     np.testing.assert_allclose(np.load(str(tmp_path / "onnx_feats.npy")), np.load(str(tmp_path / "torch_feats.npy")),

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 import torch
 
@@ -16,26 +15,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.model_loading import load_backbone  # noqa: E402
 
 
-def export_onnx(backbone, path, img_size=112, opset=17):
+def export_onnx(backbone, path, img_size=112, opset=18):
     """Export `backbone` (any of backbones.get_model) with a dynamic batch axis; returns `path`."""
     try:
-        import onnx  # noqa: F401  (the TorchScript exporter below needs it)
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the torch.export-based exporter translates through it)
     except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime") from None
+        raise ImportError("ONNX export needs the onnx and onnxscript packages: "
+                          "pip install onnx onnxscript onnxruntime") from None
 
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
     dummy = torch.zeros(2, 3, img_size, img_size, device=device)
+    batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        with warnings.catch_warnings():
-            # The tracer notes that the input-size check and `return_aux` become constants: intended (fixed
-            # H, W; the graph returns only the embedding), the batch axis stays dynamic.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # dynamo=False: the TorchScript exporter needs only `onnx`, and writes one self-contained file.
-            torch.onnx.export(backbone, (dummy,), path, input_names=["data"], output_names=["embedding"],
-                              dynamic_axes={"data": {0: "batch"}, "embedding": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+        # torch.export-based exporter (the TorchScript one is deprecated); external_data=False keeps one file,
+        # which holds up to 2 GB of weights (TransFace-L is 1.1 GB).
+        torch.onnx.export(backbone, (dummy,), path, input_names=["data"], output_names=["embedding"],
+                          dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False,
+                          verbose=False)
     finally:
         backbone.train(was_training)
     return path
@@ -61,7 +60,7 @@ def main():
     parser.add_argument("--network", required=True, help="backbone name, e.g. vit_s_dp005_mask_0")
     parser.add_argument("--network-kwargs", default="{}", help='JSON, e.g. \'{"embed_dim": 64, "depth": 2}\'')
     parser.add_argument("--output", default=None, help="default: the checkpoint path with .onnx")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime on a random batch")
     args = parser.parse_args()
 
