@@ -9,9 +9,9 @@ One optimiser step (REFERENCE.md §1.6), repeated for `gradient_acc` micro-batch
     forward with grad -> EHSM weights from the patch entropies (only if cfg.ehsm) -> Partial FC loss -> backward
     [fp16: GradScaler] unscale -> clip grad-norm `grad_clip` on the backbone only -> optimiser -> zero_grad -> LR step
 
-Host-device syncs: train.py makes none inside the step (ops with data-dependent shapes inside partial_fc.py and
-losses.py, e.g. nonzero/unique/boolean indexing, are those modules' own). A non-finite loss is detected on the device (`found_inf`, all-reduced MAX
-over ranks, a collective but no host read) and handed to the fused optimiser, whose kernel then skips the update
+Host-device syncs: none inside the step with the released sample_rate 1 (Partial FC sampling, sample_rate < 1,
+has data-dependent shapes, as in the release). A non-finite loss is detected on the device (`found_inf`, all-reduced
+MAX over ranks, a collective but no host read) and handed to the fused optimiser, whose kernel then skips the update
 (params, moments and the Adam step count stay as they were); with fp16 the GradScaler does the same with the found_inf
 of the gradients. The loss sum and the non-finite counters (run length, count in the window, last bad step, the step
 the run reached `max_nonfinite_steps`) stay on the device (NonFiniteMonitor) and are read in ONE transfer at the

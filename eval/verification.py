@@ -93,15 +93,20 @@ def load_bin(path, image_size=(112, 112)):
     return [data, torch.flip(data, dims=[3])], issame
 
 
+def save_bin(path, bins, issame):
+    """Write a .bin from encoded image bytes (2 per pair) and P booleans: plain bytes/list/bool, no globals."""
+    with open(path, "wb") as f:
+        pickle.dump((list(bins), [bool(x) for x in issame]), f, protocol=4)
+
+
 def write_bin(path, images, issame):
-    """Write a .bin from uint8 RGB images [2P,H,W,3] (PNG-encoded, lossless) and P booleans (tests/demo data)."""
+    """Write a .bin from uint8 RGB images [2P,H,W,3] (PNG-encoded, lossless) and P booleans (tests)."""
     bins = []
     for img in images:
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[:, :, ::-1]))
         assert ok
         bins.append(buf.tobytes())
-    with open(path, "wb") as f:
-        pickle.dump((bins, [bool(x) for x in issame]), f, protocol=4)
+    save_bin(path, bins, issame)
 
 
 def fold_accuracies(embeddings, issame, nfolds=10, thresholds=None):

@@ -20,7 +20,6 @@ Train, lfw and IJB-C identities are disjoint (different generator indices).
 import argparse
 import json
 import os
-import pickle
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eval.verification import save_bin  # noqa: E402
 from utils.recordio import IndexedRecordWriter, IRHeader, encode_image, pack_header  # noqa: E402
 
 # ArcFace 112x112 template (REFERENCE.md §5.4): left eye, right eye, nose tip, left and right mouth corner.
@@ -402,8 +402,7 @@ def write_bin(path, seed, num_ids, num_pairs, bar):
         bins += [idents[i].image(rng)[0], idents[j].image(rng)[0]]
         issame.append(bool(same))
         bar.update(2)
-    with open(path, "wb") as f:
-        pickle.dump((bins, issame), f)
+    save_bin(path, bins, issame)
 
 
 def ijbc_plan(seed, num_ids, templates_per_id):
