@@ -3,7 +3,7 @@
     python eval_ijbc.py --model-prefix work_dirs/glint360k_vit_l/model.pt --image-path /data/IJBC \
         --result-dir work_dirs/glint360k_vit_l --network vit_l_dp005_mask_005
 
-Stages live in eval/ijb.py (REFERENCE §5). Outputs go to <result-dir>/<job>/ (see write_outputs).
+Stages live in eval/ijb.py (protocol in docs/evaluation.md). Outputs go to <result-dir>/<job>/ (see write_outputs).
 """
 import argparse
 import csv
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (read + align)")
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype for extraction")
     parser.add_argument("--image-size", type=int, default=112)
-    # §5.5 switches; defaults as the released script (flip add, norm score, detector score all on)
+    # Scoring switches; defaults as the released script (flip add, norm score, detector score all on)
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                         help="combine each image with its horizontal flip")
     parser.add_argument("--flip-mode", default="add", choices=["add", "concat"])
