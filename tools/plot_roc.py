@@ -17,8 +17,8 @@ from utils.npio import load_array  # noqa: E402
 
 def read_roc(path):
     """(row name, fpr, tpr) of a <target>_roc.npz written by eval_ijbc.py."""
-    fpr = load_array(path, "false positive rates [K] (float)", shape=(None,), key="fpr")
-    tpr = load_array(path, f"true positive rates [{len(fpr)}] (float)", shape=(len(fpr),), key="tpr")
+    fpr = load_array(path, "false positive rates (float [K])", shape=(None,), key="fpr")
+    tpr = load_array(path, f"true positive rates (float [{len(fpr)}])", shape=(len(fpr),), key="tpr")
     label = load_array(path, "the row name (a string)", kinds="U", shape=(), key="label")
     return str(label), fpr, tpr
 

@@ -71,8 +71,9 @@ def load_array(path, expect=None, kinds="f", shape=(None,), key=None, mmap=False
                 size = os.fstat(fp.fileno()).st_size
                 need = offset + int(np.prod(array_shape, dtype=np.int64)) * dtype.itemsize
                 if size < need:
-                    raise ArrayFileError(f"{where}: truncated: {size} bytes, but its header announces a {dtype} "
-                                         f"array of shape {list(array_shape)} ({need} bytes)")
+                    raise ArrayFileError(f"{where}: expected {expect}, but the file is truncated: {size} bytes, "
+                                         f"its header announces a {dtype} array of shape {list(array_shape)} "
+                                         f"({need} bytes)")
                 if not mmap:
                     fp.seek(0)
                     return np.lib.format.read_array(fp, allow_pickle=False)
