@@ -37,13 +37,12 @@ def describe(kinds, shape):
 
 
 def check_header(where, expect, shape, dtype, kinds, expected_shape):
-    got = f"{dtype} array of shape {list(shape)}"
     if dtype.hasobject:
-        raise ArrayFileError(f"{where}: expected {expect}, got an array of Python objects (dtype {dtype}); refused, only "
-                             "unpickling could restore it")
+        raise ArrayFileError(f"{where}: expected {expect}, got an array of Python objects (dtype {dtype}); "
+                             "refused, only unpickling could restore it")
     ok_shape = len(shape) == len(expected_shape) and all(e is None or n == e for n, e in zip(shape, expected_shape))
     if dtype.kind not in kinds or not ok_shape:
-        raise ArrayFileError(f"{where}: expected {expect}, got a {got}")
+        raise ArrayFileError(f"{where}: expected {expect}, got a {dtype} array of shape {list(shape)}")
 
 
 def load_array(path, expect=None, kinds="f", shape=(None,), key=None, mmap=False):

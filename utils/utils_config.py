@@ -101,7 +101,8 @@ def apply_overrides(cfg, base, opts):
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in base:
-            raise ConfigError(f"unknown config field '{key}' in override '{item}'; valid fields: {', '.join(sorted(base))}")
+            raise ConfigError(f"unknown config field '{key}' in override '{item}'; "
+                              f"valid fields: {', '.join(sorted(base))}")
         cfg[key] = parse_override(key, text, base[key])
 
 
