@@ -13,7 +13,7 @@ tools/rec_info.py, tools/make_rec.py):
 Each case must exit with status 2, print exactly one line `error: ...` on stderr that names the file and says why
 it was refused, show no traceback and no advice to load the file unsafely, and the marker must never appear.
 
-Speed: a python start importing torch costs 3-9 s on the shared test machine, too much for ~45 cases. The cases run
+Speed: a python start importing torch costs 3-9 s on a busy 2-core machine, too much for ~45 cases. The cases run
 in one runner process (python tests/test_cli_errors.py CASES.json) that imports the heavy modules once and then
 forks one child per case; the child runs the script as __main__ with its own argv, stdout and stderr, exactly as
 `python script.py ...` would after its imports. A few cases also run as plain `python script.py` processes, which
