@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from eval import ijb
-
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from utils.amp import AMP_DTYPES
 
 
 def parse_args(argv=None):

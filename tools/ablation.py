@@ -12,9 +12,8 @@ import sys
 
 from prettytable import PrettyTable, TableStyle
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-from utils.utils_config import get_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.utils_config import REPO_ROOT, get_config  # noqa: E402
 
 VARIANTS = (("baseline ViT", False, False), ("+DPAP", True, False), ("+EHSM", False, True), ("+DPAP +EHSM", True, True))
 
