@@ -13,11 +13,11 @@ AMP_MODES = ("auto", "fp16", "bf16", "none")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
 
-def cpu_flags():
+def cpu_flags(path="/proc/cpuinfo"):
     """The feature flags of the first CPU in /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there is no
     /proc/cpuinfo (macOS, Windows)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
