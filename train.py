@@ -28,7 +28,7 @@ from utils import checkpoint as ckpt
 from utils.amp import AMP_DTYPES, resolve_amp
 from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed
 from utils.nonfinite import NonFiniteMonitor, log_window
-from utils.resume import load_resume, load_states, save_state
+from utils.resume import resume_training, save_state
 from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
@@ -50,6 +50,26 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def setup(cfg, env):
+    """Logger, leftovers of interrupted saves, seeds, the config and AMP mode in the log. -> (logger, AMP mode)."""
+    logger = init_logging(env.rank, cfg.output)
+    # temp files of saves interrupted by a kill: each rank removes those of its own files
+    own_files = [os.path.basename(ckpt.checkpoint_path(cfg.output, env.rank))] + (["model.pt"] if env.rank == 0 else [])
+    for path in ckpt.remove_stale_temp_files(cfg.output, own_files):
+        logger.info(f"removed {path}, left by a save that was interrupted")
+    seed_everything(cfg.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if env.rank == 0:
+        logger.info("config:\n" + "\n".join(f"  {k}: {cfg[k]!r}" for k in sorted(cfg)))
+    amp = resolve_amp(cfg.amp, env.device)
+    if cfg.amp == "fp16" and amp != "fp16":
+        logger.warning("amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)")
+    elif cfg.amp == "auto":
+        logger.info(f"amp=auto: {amp} on {env.device.type}")
+    return logger, amp
 
 
 def count_steps(cfg, loader_len, world_size):
@@ -135,25 +155,10 @@ def export_onnx(cfg, backbone, logger):
 
 
 def train(cfg, env, stop=None):
-    """Run training. `stop(global_step) -> bool` is polled on the host after every optimiser step (a StopRequest in
-    main(); tests use it to interrupt at a chosen step). -> {"status": "finished"|"preempted"|"nonfinite",
-    "global_step": int}."""
+    """Run training; `stop(global_step) -> bool` is polled after every optimiser step (main() passes a StopRequest,
+    tests a lambda). -> {"status": "finished" | "preempted" | "nonfinite", "global_step": int}."""
     # ---- setup
-    logger = init_logging(env.rank, cfg.output)
-    # temp files of saves interrupted by a kill: each rank removes those of its own files
-    own_files = [os.path.basename(ckpt.checkpoint_path(cfg.output, env.rank))] + (["model.pt"] if env.rank == 0 else [])
-    for path in ckpt.remove_stale_temp_files(cfg.output, own_files):
-        logger.info(f"removed {path}, left by a save that was interrupted")
-    seed_everything(cfg.seed + env.rank)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if env.rank == 0:
-        logger.info("config:\n" + "\n".join(f"  {k}: {cfg[k]!r}" for k in sorted(cfg)))
-    amp = resolve_amp(cfg.amp, env.device)
-    if cfg.amp == "fp16" and amp != "fp16":
-        logger.warning("amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)")
-    elif cfg.amp == "auto":
-        logger.info(f"amp=auto: {amp} on {env.device.type}")
+    logger, amp = setup(cfg, env)
     amp_dtype = AMP_DTYPES[amp]
     autocast = dict(device_type=env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
@@ -174,16 +179,9 @@ def train(cfg, env, stop=None):
 
     # ---- resume
     start_epoch, start_in_epoch, global_step, pending_rng = 0, 0, 0, None
-    saved = load_resume(cfg, env, logger) if cfg.resume else None
-    if saved is not None:
-        load_states(saved, backbone, head, optimizer, scheduler, scaler)
-        if saved["world_size"] == env.world_size:  # the RNG streams are per rank
-            pending_rng = saved["rng"]
-        start_epoch, start_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
-        if start_in_epoch >= steps_per_epoch:
-            start_epoch, start_in_epoch = start_epoch + 1, 0
-        logger.info(f"resumed at epoch {start_epoch}, step {start_in_epoch} of the epoch, global step {global_step}")
-        del saved
+    if cfg.resume:
+        start_epoch, start_in_epoch, global_step, pending_rng = resume_training(
+            cfg, env, logger, steps_per_epoch, backbone, head, optimizer, scheduler, scaler)
 
     model = backbone
     if env.distributed:
@@ -206,12 +204,15 @@ def train(cfg, env, stop=None):
     stop_requested, status = False, "finished"  # stop_requested: host flag, latched
 
     def sync_point():
-        """The one host read. -> (stop agreed by the ranks, non-finite limit reached)."""
+        """The one host read. -> the stop agreed by the ranks; sets status "nonfinite" when the limit was reached."""
+        nonlocal status
         state = monitor.read(stop_requested, env.distributed)
         if state["finite_steps"] and env.rank == 0:
             loss_meter.update(state["mean_loss"], state["finite_steps"])
         log_window(state, logger, global_step, cfg.max_nonfinite_steps, cfg.output)
-        return state["stop"], bool(state["tripped"])
+        if state["tripped"]:
+            status = "nonfinite"
+        return state["stop"]
 
     # ---- loop
     for epoch in range(start_epoch, cfg.num_epoch):
@@ -236,11 +237,9 @@ def train(cfg, env, stop=None):
                 stop_requested = bool(stop(global_step))  # host flag only
 
             if global_step % cfg.frequent == 0 or (stop_requested and not env.distributed):
-                read_at = global_step
-                stop_now, nonfinite = sync_point()
-                if nonfinite:
-                    status = "nonfinite"
-                    break
+                read_at, stop_now = global_step, sync_point()
+            if status == "nonfinite":
+                break
             if global_step % cfg.frequent == 0 and env.rank == 0:
                 log_callback(global_step, loss_meter, epoch, scheduler.get_last_lr()[0],
                              scaler.get_scale() if scaler is not None else None)
@@ -248,25 +247,21 @@ def train(cfg, env, stop=None):
                 verify(global_step, backbone)
             if stop_now:
                 break
+        mid_epoch = stop_now  # agreed at a step of the epoch (its last one too): save that position, no model.pt
+        if read_at != global_step:  # epoch end: read the counters (and agree on a stop) before anything is saved
+            stop_now = sync_point()
         if status == "nonfinite":
             break
-
-        if stop_now:  # agreed mid-epoch
+        if mid_epoch:
             save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step)
-            where = f"epoch {epoch}, step {step_in_epoch} of {steps_per_epoch}"
-        else:  # epoch end: read the counters (and agree on a stop) before anything is saved
-            if read_at != global_step:
-                stop_now, nonfinite = sync_point()
-                if nonfinite:
-                    status = "nonfinite"
-                    break
-            if cfg.save_all_states or stop_now:
-                save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch + 1, 0, global_step)
-            if env.rank == 0:
-                ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-            where = f"end of epoch {epoch}"
+        elif cfg.save_all_states or stop_now:
+            save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch + 1, 0, global_step)
+        if env.rank == 0 and not mid_epoch:
+            ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
         if stop_now:
             barrier()
+            where = (f"epoch {epoch}, step {step_in_epoch} of {steps_per_epoch}" if mid_epoch
+                     else f"end of epoch {epoch}")
             logger.warning(f"stop requested: saved a resumable checkpoint at global step {global_step} ({where}) in "
                            f"{cfg.output}; continue with --opts resume=True")
             status = "preempted"

@@ -9,7 +9,7 @@ import torch
 from lr_scheduler import PolyScheduler
 from utils import checkpoint as ckpt
 from utils.distributed import DistEnv
-from utils.resume import load_resume, load_states, save_state
+from utils.resume import load_resume, load_states, resume_training, save_state
 from utils.utils_config import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +71,28 @@ def test_load_resume_names_a_broken_file(tmp_path):
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match=rf"cannot load checkpoint {tmp_path / 'checkpoint_gpu_0.pt'}: "):
         load_resume(cfg_for(tmp_path), env, logging.getLogger("resume-test"))
+
+
+def test_resume_training_position_and_rng(tmp_path):
+    """The saved position is returned (an epoch's end becomes the next epoch's start) and loaded into the modules;
+    the RNG state comes back only for the same world size (the streams are per rank)."""
+    cfg = cfg_for(tmp_path)
+    one = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    backbone, head, optimizer, scheduler = parts(0)
+    logger = logging.getLogger("resume-test")
+    for step_in_epoch, expected in ((3, (2, 3, 11)), (4, (3, 0, 11))):
+        save_state(cfg, one, backbone, head, optimizer, scheduler, None, 2, step_in_epoch, 11)
+        fresh = parts(1)
+        epoch, in_epoch, global_step, rng = resume_training(cfg, one, logger, 4, *fresh, None)
+        assert (epoch, in_epoch, global_step) == expected
+        assert torch.equal(rng["torch"], ckpt.load(ckpt.checkpoint_path(tmp_path, 0))["rng"]["torch"])
+        assert torch.equal(fresh[0].weight, backbone.weight)
+    saved = ckpt.load(ckpt.checkpoint_path(tmp_path, 0))
+    saved["world_size"] = 2  # as if written by rank 0 of a 2-rank run with a one-row head shard each
+    ckpt.atomic_save(saved, ckpt.checkpoint_path(tmp_path, 0))
+    saved["rank"] = 1
+    ckpt.atomic_save(saved, ckpt.checkpoint_path(tmp_path, 1))
+    fresh = parts(1)
+    fresh[1].weight.data = torch.zeros(10, 4)  # the merged head of both shards
+    assert resume_training(cfg, one, logger, 4, *fresh, None) == (3, 0, 11, None)
+    assert torch.equal(fresh[1].weight, torch.cat([head.weight, head.weight]))

@@ -1,6 +1,6 @@
 """train.train_step against the TransFace step written out by hand: no-grad forward, dpap(), forward, EHSM weights,
-Partial FC loss, backward, grad-norm clip, AdamW (or SGD), LR schedule. Also gradient accumulation and the device-side skip of
-a non-finite step."""
+Partial FC loss, backward, grad-norm clip, AdamW (or SGD), LR schedule. Also gradient accumulation and the
+device-side skip of a non-finite step."""
 import copy
 import math
 import os

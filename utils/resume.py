@@ -37,6 +37,21 @@ def load_states(saved, backbone, head, optimizer, scheduler, scaler):
         scaler.load_state_dict(saved["state_scaler"])
 
 
+def resume_training(cfg, env, logger, steps_per_epoch, backbone, head, optimizer, scheduler, scaler):
+    """Load this rank's checkpoint into the modules. -> (start epoch, optimiser step inside it, global step, RNG
+    state to restore or None); (0, 0, 0, None) when there is nothing to resume."""
+    saved = load_resume(cfg, env, logger)
+    if saved is None:
+        return 0, 0, 0, None
+    load_states(saved, backbone, head, optimizer, scheduler, scaler)
+    rng = saved["rng"] if saved["world_size"] == env.world_size else None  # the RNG streams are per rank
+    epoch, in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+    if in_epoch >= steps_per_epoch:
+        epoch, in_epoch = epoch + 1, 0
+    logger.info(f"resumed at epoch {epoch}, step {in_epoch} of the epoch, global step {global_step}")
+    return epoch, in_epoch, global_step, rng
+
+
 def load_resume(cfg, env, logger):
     """This rank's checkpoint in cfg.output (its own file, else checkpoint_gpu_0.pt re-partitioned), or None when
     there is none; every rank must agree on the save (check_resume_agreement)."""
