@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from eval import ijb
+from utils.amp import AMP_DTYPES
 from utils.cli import run_main
 from utils.npio import ArrayFileError, load_array
-
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
