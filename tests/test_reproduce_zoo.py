@@ -98,19 +98,34 @@ def test_table_lists_measured_and_missing(setup, capsys, monkeypatch):
         assert (a is None and b is None) or np.array_equal(a, b)
 
 
-def test_cache_is_refreshed_when_the_checkpoint_changes(setup, tmp_path):
+def test_cache_is_refreshed_when_the_checkpoint_changes(setup, tmp_path, monkeypatch):
     _, data, zoo_dir = setup
     entry = TEST_ZOO[PRESENT[0]]
     args = reproduce_zoo.eval_args(entry, os.path.join(zoo_dir, entry.file), data, 16, 0, "none")
-    from eval import ijb
-    meta = ijb.read_meta(data, "IJBC")
-    feats, how = reproduce_zoo.cached_features(args, meta, str(tmp_path), torch.device("cpu"))
-    assert how == "extracted" and feats.shape[0] == len(meta["names"])
-    assert reproduce_zoo.cached_features(args, meta, str(tmp_path), torch.device("cpu"))[1] == "cached"
-    args.network_kwargs = dict(TINY, depth=1)  # same values: still cached
-    assert reproduce_zoo.cached_features(args, meta, str(tmp_path), torch.device("cpu"))[1] == "cached"
+    meta = {"names": np.arange(5)}
+    calls = []
+
+    def fake_extract(a, m, device):  # stands for the real extraction, which the test above checks
+        calls.append(1)
+        return np.full((5, 4), len(calls), dtype=np.float32)
+
+    monkeypatch.setattr(eval_ijbc, "extract_features", fake_extract)
+
+    def get():
+        return reproduce_zoo.cached_features(args, meta, str(tmp_path), torch.device("cpu"))
+
+    feats, how = get()
+    assert how == "extracted" and (feats == 1).all()
+    feats, how = get()
+    assert how == "cached" and (feats == 1).all() and len(calls) == 1
+    args.network_kwargs = dict(TINY)  # equal values: still cached
+    assert get()[1] == "cached"
+    args.amp = "bf16"  # another protocol: extracted again
+    assert get()[1] == "extracted" and len(calls) == 2
     os.utime(args.model_prefix, ns=(0, 0))  # another file under the same name
-    assert reproduce_zoo.cached_features(args, meta, str(tmp_path), torch.device("cpu"))[1] == "extracted"
+    feats, how = get()
+    assert how == "extracted" and (feats == 3).all()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
 
 
 def test_zoo_markdown_matches_published_values():
