@@ -131,7 +131,8 @@ def test_cache_is_refreshed_when_the_checkpoint_changes(setup, tmp_path, monkeyp
 def test_zoo_markdown_matches_published_values():
     table = markdown_table().splitlines()
     assert table[0] == "| Training data | Model | `--network` | IJB-C 1e-6 | 1e-5 | 1e-4 | 1e-3 | 1e-2 | 1e-1 |"
-    assert table[2].startswith("| MS1MV2 | [TransFace-S](https://drive.google.com/file/d/1UZWCg7jNESDv8EWs7mxQSswCMGbAZNF4")
+    assert table[2].startswith("| MS1MV2 | [TransFace-S](https://drive.google.com/file/d/"
+                               "1UZWCg7jNESDv8EWs7mxQSswCMGbAZNF4/view?usp=share_link) |")
     assert table[2].endswith("| `vit_s_dp005_mask_0` | 86.75 | 93.87 | 96.45 | 97.51 | 98.34 | 98.99 |")
     assert table[-1].endswith("| `vit_l_dp005_mask_005` | 89.71 | 96.29 | 97.61 | 98.26 | 98.64 | 99.19 |")
     assert [e.file for e in ZOO if e.data == "Glint360K" and e.model == "TransFace-L"] == \

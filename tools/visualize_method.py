@@ -133,11 +133,11 @@ def build_model(network, network_kwargs, path=None):
 def analyse(model, faces, top_k=7, prob=1.0, alpha=1.0, seed=0, ehsm=None):
     """Everything one grid shows, for a batch of RGB uint8 faces [B,112,112,3] (numpy).
 
-    -> dict of numpy arrays: faces (the input), images (the normalised batch, float32 [B,3,H,W]), patch_weights [B,gh,gw] (the
-    SE gate's softmax), entropy [B,gh,gw] (per-token std), top_k [B,K] (dpap_plan's cells, by rank), gate [B],
-    perturbed (float32 [B,3,H,W], dpap()'s output) and perturbed_u8 [B,H,W,3], ehsm [B]; grid (gh, gw) and
-    patch_size. dpap_plan and dpap() each get a generator seeded with `seed`, so the outlined cells are the
-    ones dpap() perturbs. `ehsm`: keyword arguments of losses.ehsm_weights (gamma, top_k, measure, reduction).
+    -> dict of numpy arrays: faces (the input), patch_weights [B,gh,gw] (the SE gate's softmax), entropy
+    [B,gh,gw] (per-token std), top_k [B,K] (dpap_plan's cells, by rank), gate [B], perturbed (float32 [B,3,H,W],
+    dpap()'s output) and perturbed_u8 [B,H,W,3], ehsm [B]; grid (gh, gw) and patch_size. dpap_plan and dpap()
+    each get a generator seeded with `seed`, so the outlined cells are the ones dpap() perturbs. `ehsm`: keyword
+    arguments of losses.ehsm_weights (gamma, top_k, measure, reduction).
     """
     device = next(model.parameters()).device
     images = torch.stack([to_tensor(face, False) for face in faces]).to(device)
@@ -150,10 +150,11 @@ def analyse(model, faces, top_k=7, prob=1.0, alpha=1.0, seed=0, ehsm=None):
                          torch.Generator(device).manual_seed(seed))
         weights = ehsm_weights(patch_entropy, **(ehsm or {}))
     perturbed_u8 = (perturbed * 0.5 + 0.5).mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-    return dict(faces=np.asarray(faces), images=images.cpu().numpy(), patch_weights=patch_weights.reshape(-1, gh, gw).cpu().numpy(),
+    return dict(faces=np.asarray(faces), patch_weights=patch_weights.reshape(-1, gh, gw).cpu().numpy(),
                 entropy=patch_entropy.reshape(-1, gh, gw).cpu().numpy(), top_k=plan.patches.cpu().numpy(),
-                gate=plan.gate.cpu().numpy(), perturbed=perturbed.cpu().numpy(), perturbed_u8=perturbed_u8.cpu().numpy(),
-                ehsm=weights.cpu().numpy(), grid=(gh, gw), patch_size=model.patch_size)
+                gate=plan.gate.cpu().numpy(), perturbed=perturbed.cpu().numpy(),
+                perturbed_u8=perturbed_u8.cpu().numpy(), ehsm=weights.cpu().numpy(), grid=(gh, gw),
+                patch_size=model.patch_size)
 
 
 def sort_rows(rows, names, by):
@@ -191,7 +192,9 @@ def draw(rows, names, path=None, seed=0, prob=1.0):
                          labelpad=8)
         for col, values in ((1, rows["patch_weights"][i] * gh * gw), (4, rows["entropy"][i])):
             ax[col].imshow(face, alpha=0.45)
-            heat = ax[col].imshow(values, cmap="inferno", alpha=0.7, extent=extent, interpolation="nearest")
+            heat = ax[col].imshow(values, cmap="inferno", alpha=0.65, extent=extent, interpolation="nearest")
+            ax[col].set_xlim(-0.5, face.shape[1] - 0.5)  # the whole face, also the strip the grid leaves out
+            ax[col].set_ylim(face.shape[0] - 0.5, -0.5)
             bar = fig.colorbar(heat, ax=ax[col], fraction=0.046, pad=0.03)
             bar.ax.tick_params(labelsize=8)
         ax[2].imshow(face)
@@ -199,12 +202,12 @@ def draw(rows, names, path=None, seed=0, prob=1.0):
             r, c = divmod(int(cell), gw)
             ax[2].add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, edgecolor="#00e5ff",
                                       linewidth=1.5))
-            ax[2].text(c * p + p / 2 - 0.5, r * p + p / 2 - 0.5, str(rank + 1), color="#00e5ff", fontsize=7,
+            ax[2].text(c * p + p / 2 - 0.5, r * p + p / 2 - 0.5, str(rank + 1), color="#00e5ff", fontsize=8,
                        ha="center", va="center", fontweight="bold")
         ax[3].imshow(rows["perturbed_u8"][i])
         if not rows["gate"][i]:
-            ax[3].text(56, 104, "gate closed:\nunchanged", color="white", fontsize=8, ha="center", va="bottom",
-                       bbox=dict(facecolor="black", alpha=0.6, linewidth=0))
+            ax[3].text(face.shape[1] / 2, face.shape[0] - 8, "gate closed:\nunchanged", color="white", fontsize=8,
+                       ha="center", va="bottom", bbox=dict(facecolor="black", alpha=0.6, linewidth=0))
         for col in range(5):
             ax[col].set_xticks([])
             ax[col].set_yticks([])
