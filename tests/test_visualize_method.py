@@ -116,6 +116,8 @@ def test_inputs(tmp_path):
     rec = vm.load_faces([MXNET_FIXTURE], limit=3)
     assert [n for n, _ in rec] == ["rec key 1", "rec key 2", "rec key 3"]
     np.testing.assert_array_equal(np.stack([f for _, f in rec]), expected[:3])
+    rec = vm.load_faces([os.path.join(MXNET_FIXTURE, "train.rec")], limit=10)
+    np.testing.assert_array_equal(np.stack([f for _, f in rec]), expected)
 
     face = astronaut_face()
     png = cv2.imencode(".png", face[:, :, ::-1])[1].tobytes()

@@ -62,8 +62,9 @@ def read_image(path, landmarks=None):
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def read_rec(folder, limit):
-    reader = IndexedRecordReader(os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx"))
+def read_rec(rec_path, limit):
+    """The first `limit` images of an insightface .rec (index: the .idx next to it)."""
+    reader = IndexedRecordReader(rec_path, os.path.splitext(rec_path)[0] + ".idx")
     keys, _ = insightface_layout(reader)
     faces = []
     for key in list(keys)[:limit]:
@@ -97,9 +98,9 @@ def load_faces(inputs, landmarks=None, limit=16):
         if left <= 0:
             break
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "train.rec")):
-            faces += read_rec(path, left)
+            faces += read_rec(os.path.join(path, "train.rec"), left)
         elif path.endswith(".rec"):
-            faces += read_rec(os.path.dirname(path) or ".", left)
+            faces += read_rec(path, left)
         elif path.endswith(".bin"):
             faces += read_bin_faces(path, left)
         elif os.path.isdir(path):
