@@ -3,7 +3,7 @@
     python eval_ijbc.py --model-prefix work_dirs/glint360k_vit_l/model.pt --image-path /data/IJBC \
         --result-dir work_dirs/glint360k_vit_l --network vit_l_dp005_mask_005
 
-Stages live in eval/ijb.py (REFERENCE §5). Outputs go to <result-dir>/<job>/ (see write_outputs).
+Stages live in eval/ijb.py (protocol in docs/evaluation.md). Outputs go to <result-dir>/<job>/ (see write_outputs).
 """
 import argparse
 import csv
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from eval import ijb
-
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from utils.amp import AMP_DTYPES
+from utils.cli import run_main
+from utils.npio import ArrayFileError, load_array
 
 
 def parse_args(argv=None):
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (read + align)")
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype for extraction")
     parser.add_argument("--image-size", type=int, default=112)
-    # §5.5 switches; defaults as the released script (flip add, norm score, detector score all on)
+    # Scoring switches; defaults as the released script (flip add, norm score, detector score all on)
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                         help="combine each image with its horizontal flip")
     parser.add_argument("--flip-mode", default="add", choices=["add", "concat"])
@@ -56,16 +57,9 @@ class OnnxBackbone:
     """Callable like a backbone: float32 [B,3,S,S] tensor -> embedding tensor, via onnxruntime."""
 
     def __init__(self, path, device):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise SystemExit("--onnx needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = onnxruntime.InferenceSession(path, providers=providers)
+        from utils.model_loading import open_onnx
+
+        self.session = open_onnx(path, device.type)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x):
@@ -90,10 +84,11 @@ def extract_features(args, meta, device):
 
 
 def load_features(path, num_images):
-    feats = np.load(path, mmap_mode="r")
-    if feats.ndim != 2 or feats.shape[0] != num_images or feats.shape[1] % 2:
-        raise ValueError(f"{path}: expected features [{num_images}, 2F] (one row per meta line, embedding | "
-                         f"flipped embedding), got {list(feats.shape)}")
+    expect = (f"features [{num_images}, 2F] (float; one row per meta line, embedding | flipped embedding, as "
+              "written by --save-features)")
+    feats = load_array(path, expect, kinds="f", shape=(num_images, None), mmap=True)
+    if feats.shape[1] % 2:
+        raise ArrayFileError(f"{path}: expected {expect}, got an odd width {feats.shape[1]}")
     return feats
 
 
@@ -174,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,4 +1,4 @@
-"""Partial FC: the model-parallel margin-softmax head (REFERENCE §3.7-§3.9).
+"""Partial FC: the model-parallel margin-softmax head (arcface_torch's partial_fc; docs/method.md).
 
 Rank r of W owns the contiguous block of class centres given by `class_range` and sees the embeddings and labels of
 the whole global batch (all-gathered).  Each rank computes the margin logits of the global batch against its own
@@ -32,15 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from utils.distributed import is_initialized, rank_and_world_size
 
 
 def class_range(num_classes, rank, world_size):
-    """(class_start, num_local) of `rank`: the first C mod W ranks get one extra class (§3.7)."""
+    """(class_start, num_local) of `rank`: the first C mod W ranks get one extra class."""
     base, extra = divmod(num_classes, world_size)
     return base * rank + min(rank, extra), base + int(rank < extra)
 
@@ -90,14 +86,14 @@ def _all_gather(tensor):
 
 
 class DistSoftmaxCrossEntropy(torch.autograd.Function):
-    """loss = -(1/N) sum_b w_b log max(p_{b,y_b}, 1e-30), p the softmax over the classes of all ranks (§3.8).
+    """loss = -(1/N) sum_b w_b log max(p_{b,y_b}, 1e-30), p the softmax over the classes of all ranks.
 
     logits (N, C_local) float32, labels (N,) column of the target on this rank or -1, weights (N,) constants.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, weights):
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_initialized()
         max_logit = logits.amax(dim=1, keepdim=True)
         if distributed:
             dist.all_reduce(max_logit, dist.ReduceOp.MAX)
@@ -127,7 +123,7 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
 
 
 class PartialFC(nn.Module):
-    """Margin-softmax head with class centres sharded over the ranks (§3.7).
+    """Margin-softmax head with class centres sharded over the ranks.
 
     margin_loss: module mapping (cos logits (N, C_sel) in [-1, 1], labels (N,) column or -1) -> scaled logits,
     e.g. losses.CombinedMarginLoss.  amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 for the logits matmul.
@@ -137,7 +133,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, amp_dtype=None):
         super().__init__()
-        rank, world_size = _world()
+        rank, world_size = rank_and_world_size()
         if num_classes < world_size:
             raise ValueError(f"num_classes={num_classes} is smaller than the world size {world_size}")
         if not 0.0 < sample_rate <= 1.0:
@@ -154,7 +150,7 @@ class PartialFC(nn.Module):
         self.register_buffer("sampled", torch.zeros(self.num_local, dtype=torch.bool), persistent=False)
 
     def sample(self, labels):
-        """Pick the centres for this step (§3.7): every positive class of the global batch plus random negatives,
+        """Pick the centres for this step: every positive class of the global batch plus random negatives,
         as a sorted index; returns (index, labels remapped to positions in index, -1 kept)."""
         on_rank = labels >= 0
         positives = torch.unique(labels[on_rank])
@@ -173,7 +169,7 @@ class PartialFC(nn.Module):
         embeddings = local_embeddings.float()
         labels = local_labels.long()
         weights = sample_weights.detach().float()
-        if dist.is_available() and dist.is_initialized():
+        if is_initialized():
             embeddings = AllGatherWithGrad.apply(embeddings)
             labels = _all_gather(labels)
             weights = _all_gather(weights)

@@ -1,4 +1,4 @@
-"""Pair verification on insightface `.bin` files (lfw, cfp_fp, agedb_30; REFERENCE.md §4.10).
+"""Pair verification on insightface `.bin` files (lfw, cfp_fp, agedb_30; format in docs/data.md).
 
 A `.bin` is a pickle of (list of encoded images, list of P booleans); images 2k and 2k+1 form pair k. Files are
 unpickled with a restricted unpickler: a plain file needs no globals at all, and the only globals ever accepted are
@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.cli import UserError
+
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -23,7 +25,7 @@ ALLOWED_GLOBALS = {
 }
 
 
-class BinLoadError(ValueError):
+class BinLoadError(UserError):
     """A .bin verification file that is unreadable, malformed or unsafe."""
 
 

@@ -1,7 +1,7 @@
 """Parameters and GFLOPs of every backbone at 112x112, measured with torch's FlopCounterMode.
 
 Convention: GFLOPs = multiply-accumulates / 1e9 (FlopCounterMode's FLOPs / 2), the "FLOPs" of most face-recognition
-papers and of REFERENCE.md §6.3. Counted: convolutions, matmuls/linears and the attention core (q k^T and attn v);
+papers and of the release's README. Counted: convolutions, matmuls/linears and the attention core (q k^T and attn v);
 normalisations, activations and softmax are not. FlopCounterMode counts the CUDA SDPA kernels itself but not the
 CPU fused kernel, so that one is added here with torch's own SDPA formula.
 
@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbones import NAMES, get_model  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 
 CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
             lambda query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
@@ -49,4 +50,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,4 +1,4 @@
-"""Rank-0 callbacks of the training loop: periodic logging (§3.11) and verification on .bin pairs (§4.10)."""
+"""Rank-0 callbacks of the training loop: periodic logging and verification on .bin pairs (docs/training.md)."""
 import os
 import time
 
