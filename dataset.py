@@ -1,6 +1,6 @@
 """Training data: insightface RecordIO, ImageFolder or synthetic source, distributed sampling, device prefetch.
 
-get_dataloader() chooses like arcface_torch (REFERENCE.md §4.4-§4.9): "synthetic" -> one fixed image; a folder with
+get_dataloader() chooses like arcface_torch (docs/data.md): "synthetic" -> one fixed image; a folder with
 train.rec + train.idx -> RecordIO; anything else -> ImageFolder (one sub-folder per identity).
 """
 import os
@@ -22,7 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 
 def to_tensor(img_rgb, flip):
-    """RGB uint8 HWC -> float32 CHW in [-1, 1], like ToTensor + Normalize(0.5, 0.5) (§4.6)."""
+    """RGB uint8 HWC -> float32 CHW in [-1, 1], like ToTensor + Normalize(0.5, 0.5), as arcface_torch."""
     if flip:
         img_rgb = img_rgb[:, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(img_rgb.transpose(2, 0, 1))).float().div_(255)
@@ -101,7 +101,7 @@ class MXFaceDataset(FlipMixin, Dataset):
 
 
 class ImageFolderDataset(FlipMixin, Dataset):
-    """root/<identity>/<image>: classes are the sorted sub-folder names (like torchvision ImageFolder, §4.9)."""
+    """root/<identity>/<image>: classes are the sorted sub-folder names (like torchvision ImageFolder)."""
 
     def __init__(self, root_dir, num_classes=None, resize=False, flip=True):
         if not os.path.isdir(root_dir):
@@ -135,7 +135,7 @@ class ImageFolderDataset(FlipMixin, Dataset):
 
 class DistributedSampler(Sampler):
     """Per-epoch shuffle seeded with epoch + seed (identical on all ranks), padded by repetition to a multiple of the
-    world size; rank r takes every W-th index from r (§3.10). set_start_batch(k) skips the first k batches of the
+    world size; rank r takes every W-th index from r. set_start_batch(k) skips the first k batches of the
     current epoch (mid-epoch resume); set_epoch() clears it."""
 
     def __init__(self, num_samples, num_replicas, rank, seed, batch_size, shuffle=True):
@@ -167,7 +167,7 @@ class DistributedSampler(Sampler):
 
 
 def seed_worker(worker_id, rank, num_workers, seed):
-    """Worker seed num_workers*rank + worker_id + seed (§3.10) for python/numpy/torch; the flips use `seed` itself
+    """Worker seed num_workers*rank + worker_id + seed for python/numpy/torch; the flips use `seed` itself
     (they depend on the sample, not on the worker that loads it)."""
     worker_seed = num_workers * rank + worker_id + seed
     random.seed(worker_seed)
@@ -214,7 +214,7 @@ class DeviceLoader:
 
 
 class SyntheticLoader:
-    """One fixed random image in [-1,1] with label 1, SYNTHETIC_LENGTH samples per epoch (§4.8)."""
+    """One fixed random image in [-1,1] with label 1, SYNTHETIC_LENGTH samples per epoch, as arcface_torch."""
 
     def __init__(self, batch_size, device, sampler, seed):
         g = torch.Generator().manual_seed(seed)
@@ -232,7 +232,7 @@ class SyntheticLoader:
 
 
 def dali_loader(rec_dir, rank, world_size, batch_size, seed, num_threads=2):
-    """DALI pipeline of §4.7; raises a RuntimeError naming what is missing."""
+    """arcface_torch's DALI pipeline (docs/data.md); raises a RuntimeError naming what is missing."""
     if not torch.cuda.is_available():
         raise RuntimeError("dali=True needs CUDA, but torch.cuda.is_available() is False; set dali=False")
     try:

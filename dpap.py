@@ -1,4 +1,4 @@
-"""DPAP: Dominant Patch Amplitude Perturbation (TransFace, REFERENCE.md §1.3), vectorized with torch.fft.
+"""DPAP: Dominant Patch Amplitude Perturbation (TransFace; docs/method.md), vectorized with torch.fft.
 
 For each image that passes a per-image gate (probability `prob`), each of its `top_k` dominant patches
 (largest `patch_weights`) gets the amplitude spectrum lambda*|F(q)| + (1-lambda)*|F(s)| with its source

@@ -4,7 +4,7 @@
         --result-dir work_dirs/glint360k_vit_l --network vit_l_dp005_mask_005
 
 The IJB root comes from IJB_ROOT below (edit it once, as with the release's eval_ijbc.py) or --image-path.
-Stages live in eval/ijb.py. Outputs go to <result-dir>/<job>/ (see main).
+Stages live in eval/ijb.py (protocol in docs/evaluation.md). Outputs go to <result-dir>/<job>/ (see main).
 """
 import argparse
 import csv
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                         help="autocast dtype for extraction; default: fp16 for a ViT on CUDA (the release's "
                              "numerics), else none (float32)")
     parser.add_argument("--image-size", type=int, default=112)
-    # §5.5 switches; defaults as the released script (flip add, norm score, detector score all on)
+    # Scoring switches; defaults as the released script (flip add, norm score, detector score all on)
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                         help="combine each image with its horizontal flip")
     parser.add_argument("--flip-mode", default="add", choices=["add", "concat"])

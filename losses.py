@@ -1,4 +1,4 @@
-"""Margin logits (CombinedMarginLoss, REFERENCE.md §3.6) and EHSM sample weights (§1.5)."""
+"""Margin logits (CombinedMarginLoss, as arcface_torch) and EHSM sample weights (docs/method.md)."""
 import math
 
 import torch

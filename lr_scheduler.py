@@ -1,4 +1,4 @@
-"""Poly learning-rate schedule with linear warm-up (TransFace, REFERENCE.md §3.4).
+"""Poly learning-rate schedule with linear warm-up (the release's lr_scheduler.py; docs/method.md).
 
 lr(e) = base_lr * e / W                          for e < W
 lr(e) = base_lr * (1 - (e - W) / (T - W))**power for W <= e <= T (0 after T)

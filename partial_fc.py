@@ -1,4 +1,4 @@
-"""Partial FC: the model-parallel margin-softmax head (REFERENCE §3.7-§3.9).
+"""Partial FC: the model-parallel margin-softmax head (arcface_torch's partial_fc; docs/method.md).
 
 Rank r of W owns the contiguous block of class centres given by `class_range` and sees the embeddings and labels of
 the whole global batch (all-gathered).  Each rank computes the margin logits of the global batch against its own
@@ -40,7 +40,7 @@ def _world():
 
 
 def class_range(num_classes, rank, world_size):
-    """(class_start, num_local) of `rank`: the first C mod W ranks get one extra class (§3.7)."""
+    """(class_start, num_local) of `rank`: the first C mod W ranks get one extra class."""
     base, extra = divmod(num_classes, world_size)
     return base * rank + min(rank, extra), base + int(rank < extra)
 
@@ -90,7 +90,7 @@ def _all_gather(tensor):
 
 
 class DistSoftmaxCrossEntropy(torch.autograd.Function):
-    """loss = -(1/N) sum_b w_b log max(p_{b,y_b}, 1e-30), p the softmax over the classes of all ranks (§3.8).
+    """loss = -(1/N) sum_b w_b log max(p_{b,y_b}, 1e-30), p the softmax over the classes of all ranks.
 
     logits (N, C_local) float32, labels (N,) column of the target on this rank or -1, weights (N,) constants.
     """
@@ -127,7 +127,7 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
 
 
 class PartialFC(nn.Module):
-    """Margin-softmax head with class centres sharded over the ranks (§3.7).
+    """Margin-softmax head with class centres sharded over the ranks.
 
     margin_loss: module mapping (cos logits (N, C_sel) in [-1, 1], labels (N,) column or -1) -> scaled logits,
     e.g. losses.CombinedMarginLoss.  amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 for the logits matmul.
@@ -154,7 +154,7 @@ class PartialFC(nn.Module):
         self.register_buffer("sampled", torch.zeros(self.num_local, dtype=torch.bool), persistent=False)
 
     def sample(self, labels):
-        """Pick the centres for this step (§3.7): every positive class of the global batch plus random negatives,
+        """Pick the centres for this step: every positive class of the global batch plus random negatives,
         as a sorted index; returns (index, labels remapped to positions in index, -1 kept)."""
         on_rank = labels >= 0
         positives = torch.unique(labels[on_rank])

@@ -1,11 +1,11 @@
-"""get_model(name, **kwargs): the TransFace ViTs (REFERENCE.md §2.7) and the arcface_torch CNNs (§2.9)."""
+"""get_model(name, **kwargs): the TransFace ViTs and the arcface_torch CNNs (docs/method.md)."""
 from .iresnet import LAYERS, iresnet
 from .mobilefacenet import MBF_VARIANTS, MobileFaceNet
 from .vit import VisionTransformer
 
 # All ViTs: 112x112 input, patch 9, 8 heads, MLP ratio 4. mask_ratio is honoured exactly by the model
 # (keep int(N * (1 - mask_ratio)) tokens). The released code always masked 10% whenever the configured ratio was
-# > 0 (§2.4), so the released names carry that effective 0.1 here: vit_b_dp005_mask_005 and vit_l_dp005_mask_005
+# > 0, so the released names carry that effective 0.1 here: vit_b_dp005_mask_005 and vit_l_dp005_mask_005
 # use 0.1, not the 0.05 in their names. Pass mask_ratio=... to override.
 VIT_VARIANTS = {
     "vit_t": dict(embed_dim=256, depth=12, drop_path_rate=0.1, mask_ratio=0.1, using_checkpoint=False),

@@ -1,4 +1,4 @@
-"""IResNet (ArcFace's improved ResNet) with the arcface_torch state_dict layout (REFERENCE.md §2.9).
+"""IResNet (ArcFace's improved ResNet) with the arcface_torch state_dict layout.
 
 The body follows the caller's autocast; the fc/features head always runs in float32 (what arcface_torch does
 with fp16=True), so embeddings leave in float32.

@@ -1,4 +1,4 @@
-"""MobileFaceNet ("mbf") with the arcface_torch state_dict layout (REFERENCE.md §2.9), 112x112 input, GDC head.
+"""MobileFaceNet ("mbf") with the arcface_torch state_dict layout, 112x112 input, GDC head.
 
 The body follows the caller's autocast; conv_sep and the GDC head run in float32 (arcface_torch's fp16 path).
 """

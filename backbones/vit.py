@@ -1,7 +1,7 @@
-"""The TransFace ViT (REFERENCE.md §2): a plain pre-norm ViT without cls token, MAE-style token masking during
+"""The TransFace ViT (docs/method.md): a plain pre-norm ViT without cls token, MAE-style token masking during
 training, an SE-like gate over all final tokens and a flatten+Linear/BN feature head.
 
-Precision (§2.3). The release forces CUDA fp16 autocast on inside every block, whatever the config says. Here the
+Precision. The release forces CUDA fp16 autocast on inside every block, whatever the config says. Here the
 blocks follow the caller's autocast instead (device-agnostic; the training loop decides fp16/bf16/none), while
 the parts the release keeps in float32 stay in float32 under any outer autocast: the attention core
 (q, k, v cast to float32, autocast off), the patch embedding, and everything after the blocks (final LayerNorm on
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.float().unbind(0)
-        # The release computes softmax(q k^T / sqrt(head_dim)) v in float32 even under fp16 autocast (§2.3).
+        # The release computes softmax(q k^T / sqrt(head_dim)) v in float32 even under fp16 autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -62,7 +62,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, drop_path):
         super().__init__()
-        # Registration order norm1, norm2, attn, mlp gives the released state_dict key order (§2.8).
+        # Registration order norm1, norm2, attn, mlp gives the released state_dict key order.
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
@@ -113,7 +113,7 @@ class VisionTransformer(nn.Module):
             nn.Linear(num_patches, num_patches, bias=False),
             nn.Sigmoid(),
         )
-        # §2.6: the release's custom init covers pos_embed, mask_token and the Linears of the blocks and the
+        # The release's custom init covers pos_embed, mask_token and the Linears of the blocks and the
         # feature head; patch conv, BatchNorms, LayerNorms and the SE branch keep PyTorch defaults.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)

@@ -1,4 +1,4 @@
-"""Time one TransFace training step and its parts (REFERENCE.md §1.6) on one device, no process group.
+"""Time one TransFace training step and its parts (docs/method.md, the training step) on one device, no process group.
 
     python bench/train_step.py                       # vit_t and vit_s, batch 32, CPU or the first CUDA device
     python bench/train_step.py --networks vit_s --batch-size 128 --steps 20 --amp bf16

@@ -1,13 +1,13 @@
 """Defaults for every config field. A job config (configs/<job>.py) overrides a subset of them.
 
-The first block mirrors the released TransFace/arcface_torch base config (REFERENCE.md §3.1); the second block
+The first block mirrors the released TransFace/arcface_torch base config (the release's configs/base.py); the second
 holds switches this repository adds. `utils.utils_config.get_config` resolves the fields left as None.
 """
 from easydict import EasyDict as edict
 
 config = edict()
 
-# --- released fields (REFERENCE.md §3.1) ---
+# --- released fields ---
 config.margin_list = (1.0, 0.5, 0.0)  # (m1, m2, m3): ArcFace m=0.5
 config.network = "r50"
 config.resume = False

@@ -1,4 +1,4 @@
-"""Pair verification on insightface `.bin` files (lfw, cfp_fp, agedb_30; REFERENCE.md §4.10).
+"""Pair verification on insightface `.bin` files (lfw, cfp_fp, agedb_30; format in docs/data.md).
 
 A `.bin` is a pickle of (list of encoded images, list of P booleans); images 2k and 2k+1 form pair k. Files are
 unpickled with a restricted unpickler: a plain file needs no globals at all, and the only globals ever accepted are

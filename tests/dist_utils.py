@@ -4,7 +4,7 @@
 
 `fn` must be a module-level function (it is pickled into spawned processes).  Each rank writes its result (or its
 traceback) to a file, then barriers, destroys the process group and leaves with os._exit(0): gloo processes that used
-autograd-aware collectives sometimes abort in interpreter teardown (REFERENCE §7), and skipping the teardown makes
+autograd-aware collectives sometimes abort in interpreter teardown (a SIGABRT), and skipping the teardown makes
 the exit deterministic.  Results are read from the files, so the outcome never depends on the exit status.
 """
 import os

@@ -1,4 +1,4 @@
-"""A tiny IJB-C-layout folder (REFERENCE §5.1-5.2) for the evaluation tests.
+"""A tiny IJB-C-layout folder (docs/evaluation.md) for the evaluation tests.
 
 make_ijb_fixture(root) writes root/loose_crop/*.jpg and root/meta/*: a few identities, each with several
 templates made of several media (some media with more than one frame, a media id reused by two templates),

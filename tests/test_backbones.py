@@ -15,7 +15,7 @@ def tiny_vit(**overrides):
     return get_model("vit_t", **{**kwargs, **overrides})
 
 
-# REFERENCE.md §2.8, written out as data: (key, shape) in state_dict order. D = embed_dim, F = num_features,
+# The released checkpoint layout as data: (key, shape) in state_dict order. D = embed_dim, F = num_features,
 # N = 144 tokens, 9x9 patches; every block has the same 11 entries.
 BLOCK_TABLE = [
     ("norm1.weight", ("D",)), ("norm1.bias", ("D",)), ("norm2.weight", ("D",)), ("norm2.bias", ("D",)),

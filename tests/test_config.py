@@ -6,7 +6,7 @@ from utils.utils_config import get_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-# Released values, REFERENCE.md §3.2 (network, per-GPU batch, lr, epochs, warmup epochs).
+# Released values, from the release's configs/ (network, per-GPU batch, lr, epochs, warmup epochs).
 RELEASED = {
     "ms1mv2_vit_s": ("vit_s_dp005_mask_0", 512, 1e-3, 35, 3, 85742, 5822653),
     "ms1mv2_vit_b": ("vit_b_dp005_mask_005", 512, 1e-3, 35, 3, 85742, 5822653),

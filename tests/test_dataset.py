@@ -12,7 +12,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "mxnet")
 
 
 def reference(img_rgb):
-    """§4.6 by hand: HWC uint8 RGB -> CHW float in [-1, 1]."""
+    """ToTensor + Normalize(0.5, 0.5) by hand: HWC uint8 RGB -> CHW float in [-1, 1]."""
     return (torch.tensor(img_rgb.transpose(2, 0, 1).copy(), dtype=torch.float32) / 255 - 0.5) / 0.5
 
 

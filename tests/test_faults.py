@@ -1,14 +1,14 @@
-"""Issue 7 items 2-4: fault injection into real training processes on CPU.
+"""Fault injection into real training processes on CPU.
 
-  2. SIGKILL at random moments and while a checkpoint is being written (the killer watches for the temporary
+  1. SIGKILL at random moments and while a checkpoint is being written (the killer watches for the temporary
      file of utils.checkpoint.atomic_save): after every kill the checkpoint on disk loads, the next run resumes
      from exactly that checkpoint, and the final run finishes with the same weights as an uninterrupted run.
-  3. SIGTERM / SIGINT: the process saves at the current step, says so and exits 0; the resumed run continues
+  2. SIGTERM / SIGINT: the process saves at the current step, says so and exits 0; the resumed run continues
      mid-epoch with the same batches (the label sequence of interrupted + resumed equals the uninterrupted one)
      and ends with bit-identical parameters. With two ranks (gloo) a SIGTERM that reaches rank 1 only stops both
      ranks at the same step (agreed at the logging interval, frequent=1 here), and the 2-rank resume matches an
      uninterrupted 2-rank run rank by rank.
-  4. A NaN injected into the loss from step 5 on: training stops after max_nonfinite_steps (exit code 3, the
+  3. A NaN injected into the loss from step 5 on: training stops after max_nonfinite_steps (exit code 3, the
      step number in the log) and the last good checkpoint and model.pt are byte-identical to what they were
      when the first NaN appeared. (With fp16 on CUDA the GradScaler skips such steps by itself; CPU runs without
      a scaler, so only the skip-and-stop logic of train.py is shown here.)

@@ -1,4 +1,4 @@
-"""Issue 7 item 6: corrupted-data fuzzing of .rec, .idx, .bin and IJB-C meta files.
+"""Corrupted-data fuzzing of .rec, .idx, .bin and IJB-C meta files.
 
 Seeded byte flips (XOR with a random non-zero byte; half of them aimed at the structural bytes: part headers,
 IRHeaders, labels, image headers, pickle opcodes) and truncations of small generated files. Every case must end in

@@ -1,4 +1,4 @@
-"""eval/ijb.py stages and utils/face_align.py against direct loop-based implementations of REFERENCE §5."""
+"""eval/ijb.py stages and utils/face_align.py against direct loops of the released protocol (docs/evaluation.md)."""
 import os
 import shutil
 import warnings
@@ -14,7 +14,7 @@ from tests.ijb_fixture import make_ijb_fixture
 from utils.face_align import ARCFACE_REFERENCE, estimate_norm, norm_crop
 
 
-# ---------------------------------------------------------------- loop references (§5.5 / §5.6, written plainly)
+# ------------------------------------------------------------ loop references (1:1 and 1:N, written plainly)
 
 def ref_template_features(img_feats, faceness, templates, medias, flip, mode, norm_score, detector):
     half = img_feats.shape[1] // 2

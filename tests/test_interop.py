@@ -18,7 +18,7 @@ from utils.model_loading import load_backbone
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=32, depth=1, num_features=32)
 TINY_JSON = '{"embed_dim": 32, "depth": 1, "num_features": 32}'
-# §5.4 template, written out here so the test does not depend on utils/face_align.py for its reference.
+# ArcFace 5-point template, written out here so the test does not depend on utils/face_align.py for its reference.
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]])
 
@@ -114,7 +114,7 @@ def synthetic_face():
 
 
 def reference_embedding(model, bgr_images_with_landmarks):
-    """§5.4 written out: least-squares similarity to the template, warp (border 0), BGR->RGB, (v/255-0.5)/0.5."""
+    """By hand: least-squares similarity to the template, warp (border 0), BGR->RGB, (v/255-0.5)/0.5."""
     batch = []
     for image, points in bgr_images_with_landmarks:
         if points is not None:
@@ -212,7 +212,7 @@ def assert_same_weights(model, state):
 
 def test_released_layout_loads_strictly(tmp_path):
     state = tiny_vit(seed=3).state_dict()
-    assert "senet.0.weight" in state and "mask_token" in state  # released layout (§2.8), tiny sizes
+    assert "senet.0.weight" in state and "mask_token" in state  # released layout, tiny sizes
     torch.save(state, tmp_path / "released.pt")
     model = load_backbone(str(tmp_path / "released.pt"), "vit_t", TINY)
     assert not model.training

@@ -50,7 +50,7 @@ def test_no_warmup_and_past_end():
 
 
 def test_ms1mv2_schedule_spot_values():
-    base, t, w = 1e-3, 49735, 4263  # §3.3: MS1MV2, bs 512x8, 35 epochs, 3 warm-up epochs
+    base, t, w = 1e-3, 49735, 4263  # MS1MV2, bs 512x8, 35 epochs, 3 warm-up epochs
     _, sched = make(base, t, w)
     assert sched.lr_at(0) == 0.0
     assert sched.lr_at(19) == 1e-3 * 19 / 4263  # the release logs 0.000004 at step 20

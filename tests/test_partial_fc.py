@@ -108,7 +108,7 @@ def ranks(data):
 
 def reference(emb, labels, weight, margin, ehsm=None):
     """Single-process full softmax: loss = -(1/N) sum_b w_b log max(softmax(margin(cos))_{b, y_b}, 1e-30) and the
-    gradients of the unclamped loss (§3.8: the clamp only guards the value).  Float64, returned as float32."""
+    gradients of the unclamped loss (the clamp only guards the value).  Float64, returned as float32."""
     emb = emb.double().requires_grad_()
     weight = weight.double().requires_grad_()
     cos = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1, 1)

@@ -15,7 +15,7 @@ MAGIC = b"\x0a\x23\xd7\xce"
 
 
 def part(cflag, data):
-    """Reference framing of one part (§4.1), written out by hand."""
+    """Reference framing of one part (docs/data.md), written out by hand."""
     return MAGIC + struct.pack("<I", (cflag << 29) | len(data)) + data + b"\0" * (-len(data) % 4)
 
 

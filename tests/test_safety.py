@@ -1,4 +1,4 @@
-"""Issue 7 item 1: no file the project reads can run code.
+"""No file the project reads can run code.
 
 Crafted checkpoints and .bin files whose unpickling would create a marker file are refused by every loader with an
 error naming the file, and the marker never appears; the payloads are shown to be live (an unrestricted load does
@@ -133,7 +133,7 @@ def test_legit_bin_still_loads(tmp_path):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_released_layout_still_loads(tmp_path, legacy):
-    """A bare state_dict with the §2.8 keys (152 for vit_s_dp005_mask_0), zip or legacy format, loads strictly;
+    """A bare state_dict with the released keys (152 for vit_s_dp005_mask_0), zip or legacy format, loads strictly;
     so do a training checkpoint and DDP-prefixed weights."""
     state = tiny_state_dict()
     keys = list(state)

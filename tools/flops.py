@@ -1,7 +1,7 @@
 """Parameters and GFLOPs of every backbone at 112x112, measured with torch's FlopCounterMode.
 
 Convention: GFLOPs = multiply-accumulates / 1e9 (FlopCounterMode's FLOPs / 2), the "FLOPs" of most face-recognition
-papers and of REFERENCE.md §6.3. Counted: convolutions, matmuls/linears and the attention core (q k^T and attn v);
+papers and of the release's README. Counted: convolutions, matmuls/linears and the attention core (q k^T and attn v);
 normalisations, activations and softmax are not. FlopCounterMode counts the CUDA SDPA kernels itself but not the
 CPU fused kernel, so that one is added here with torch's own SDPA formula.
 

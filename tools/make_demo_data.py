@@ -4,10 +4,10 @@
                                    [--num-test-ids 50] [--bin-pairs 600]
 
 Writes into OUT:
-  train/train.rec, train.idx, property   insightface RecordIO layout (REFERENCE.md §4.4-§4.5), 112x112 aligned
-  train/lfw.bin                          verification pairs (§4.10) of held-out identities, genuine and impostor
+  train/train.rec, train.idx, property   insightface RecordIO layout (docs/data.md), 112x112 aligned
+  train/lfw.bin                          verification pairs (.bin) of held-out identities, genuine and impostor
                                          alternating
-  ijbc/loose_crop/*.jpg, ijbc/meta/*     IJB-C layout (§5.1-§5.2): un-aligned crops, 5-point landmarks, faceness
+  ijbc/loose_crop/*.jpg, ijbc/meta/*     IJB-C layout (docs/evaluation.md): loose crops, 5-point landmarks, faceness
                                          scores, templates of several media, all 1:1 template pairs, 1:N files
   manifest.json                          arguments and which generator identity each split uses
 
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.verification import save_bin  # noqa: E402
 from utils.recordio import IndexedRecordWriter, IRHeader, encode_image, pack_header  # noqa: E402
 
-# ArcFace 112x112 template (REFERENCE.md §5.4): left eye, right eye, nose tip, left and right mouth corner.
+# ArcFace 112x112 template (the released IJB alignment): left eye, right eye, nose tip, left and right mouth corner.
 REFERENCE_5PTS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                            [41.5493, 92.3655], [70.7299, 92.2041]])
 SIZE = 112

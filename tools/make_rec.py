@@ -1,4 +1,4 @@
-"""Pack face images into insightface RecordIO: OUT/train.rec, OUT/train.idx, OUT/property (REFERENCE.md §4.4-§4.5).
+"""Pack face images into insightface RecordIO: OUT/train.rec, OUT/train.idx, OUT/property (docs/data.md).
 
     python tools/make_rec.py SRC OUT [--resize] [--quality 95]
 

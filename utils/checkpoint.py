@@ -1,4 +1,4 @@
-"""Crash-safe checkpoint files and the RNG state they carry (REFERENCE.md §3.12).
+"""Crash-safe checkpoint files and the RNG state they carry (docs/training.md).
 
 Every file is written to `<path>.tmp.<pid>`, flushed and fsynced, then renamed over `<path>` (os.replace is atomic on
 POSIX), and the directory entry is fsynced: a crash at any moment leaves either the old complete file or the new

@@ -1,4 +1,4 @@
-"""5-point face alignment to the 112x112 ArcFace crop (REFERENCE §5.4)."""
+"""5-point face alignment to the 112x112 ArcFace crop, as the released eval_ijbc.py."""
 import cv2
 import numpy as np
 from skimage.transform import SimilarityTransform

@@ -1,10 +1,10 @@
-"""MXNet RecordIO (.rec/.idx) reader and writer without MXNet (REFERENCE.md §4.1-§4.4).
+"""MXNet RecordIO (.rec/.idx) reader and writer without MXNet (format in docs/data.md).
 
 A record is stored as one or more parts: magic, lrec (3-bit continuation flag, 29-bit length), payload, zero
 padding to 4 bytes. The writer splits a payload wherever the magic occurs at a 4-byte-aligned offset (so a reader
 scanning for the magic never mistakes payload bytes for a record start); the reader re-joins the parts and
 re-inserts the magic between them. Records start with an IRHeader ('<IfQQ'); flag > 0 means `flag` float32 labels
-follow it. insightface datasets add a header record 0 and one record per identity (§4.4).
+follow it. insightface datasets add a header record 0 and one record per identity.
 """
 import os
 import struct

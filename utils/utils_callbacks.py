@@ -1,4 +1,4 @@
-"""Rank-0 callbacks of the training loop: periodic logging and verification on .bin pairs.
+"""Rank-0 callbacks of the training loop: periodic logging and verification on .bin pairs (docs/training.md).
 
 The line layouts are the release's, character for character (%-formatting as there), for the scripts that parse
 training.log: "Speed ... samples/sec   Loss ...   LearningRate ...   Epoch: ...   Global Step: ...   " then
