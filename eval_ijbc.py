@@ -16,6 +16,8 @@ import torch
 
 from backbones import VIT_VARIANTS
 from eval import ijb
+from utils.cli import run_main
+from utils.npio import ArrayFileError, load_array
 
 # >>> Path of the IJB-C (or IJB-B) dataset: the folder holding loose_crop/ and meta/. Edit it here, or pass
 # >>> --image-path, which overrides it.
@@ -76,16 +78,9 @@ class OnnxBackbone:
     """Callable like a backbone: float32 [B,3,S,S] tensor -> embedding tensor, via onnxruntime."""
 
     def __init__(self, path, device):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise SystemExit("--onnx needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = onnxruntime.InferenceSession(path, providers=providers)
+        from utils.model_loading import open_onnx
+
+        self.session = open_onnx(path, device.type)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x):
@@ -112,10 +107,11 @@ def extract_features(args, meta, device):
 
 
 def load_features(path, num_images):
-    feats = np.load(path, mmap_mode="r")
-    if feats.ndim != 2 or feats.shape[0] != num_images or feats.shape[1] % 2:
-        raise ValueError(f"{path}: expected features [{num_images}, 2F] (one row per meta line, embedding | "
-                         f"flipped embedding), got {list(feats.shape)}")
+    expect = (f"features [{num_images}, 2F] (float; one row per meta line, embedding | flipped embedding, as "
+              "written by --save-features)")
+    feats = load_array(path, expect, kinds="f", shape=(num_images, None), mmap=True)
+    if feats.shape[1] % 2:
+        raise ArrayFileError(f"{path}: expected {expect}, got an odd width {feats.shape[1]}")
     return feats
 
 
@@ -204,4 +200,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

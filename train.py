@@ -501,5 +501,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.cli import run_main  # a bad config, checkpoint or dataset: one line "error: ...", exit 2
+
     warnings.filterwarnings("ignore", message=".*torch.distributed.launch.*")
-    sys.exit(main())
+    run_main(main)

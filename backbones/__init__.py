@@ -1,4 +1,6 @@
 """get_model(name, **kwargs): the TransFace ViTs and the arcface_torch CNNs (docs/method.md)."""
+from utils.cli import UserError
+
 from .iresnet import LAYERS, iresnet
 from .mobilefacenet import MBF_VARIANTS, MobileFaceNet
 from .vit import VisionTransformer
@@ -27,16 +29,17 @@ NAMES = [*VIT_VARIANTS, *LAYERS, *MBF_VARIANTS]
 
 def get_model(name, num_features=512, fp16=False, dropout=0.0, **kwargs):
     """Build backbone `name`. `fp16` is accepted for arcface_torch compatibility and ignored: every backbone
-    follows the caller's torch.autocast. `dropout` applies to the IResNets only."""
+    follows the caller's torch.autocast. `dropout` applies to the IResNets only. A wrong name or option (from a
+    config or a flag) is a UserError."""
     if name not in NAMES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(NAMES)}")
+        raise UserError(f"unknown backbone {name!r}; valid names: {', '.join(NAMES)}")
     if name in VIT_VARIANTS:
         unknown = set(kwargs) - VIT_OVERRIDES
         if unknown:
-            raise ValueError(f"unsupported ViT options {sorted(unknown)}; allowed: {sorted(VIT_OVERRIDES)}")
+            raise UserError(f"unsupported ViT options {sorted(unknown)}; allowed: {sorted(VIT_OVERRIDES)}")
         return VisionTransformer(num_features=num_features, **{**VIT_DEFAULTS, **VIT_VARIANTS[name], **kwargs})
     if kwargs:
-        raise ValueError(f"{name} takes no options {sorted(kwargs)}")
+        raise UserError(f"{name} takes no options {sorted(kwargs)}")
     if name in MBF_VARIANTS:
         return MobileFaceNet(num_features=num_features, **MBF_VARIANTS[name])
     return iresnet(name, num_features=num_features, dropout=dropout)

@@ -14,12 +14,17 @@ import torch
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
+from utils.cli import UserError
 from utils.face_align import norm_crop
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIR_TARGETS = (1e-2, 1e-1)
 RANKS = (1, 5, 10)
 GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
+
+
+class MetaFileError(UserError):
+    """An IJB meta file is malformed or inconsistent with another; the message names the file and the line."""
 
 
 def meta_paths(ijb_dir, target):
@@ -46,7 +51,7 @@ def _split_lines(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{path}:{number}: not UTF-8 text") from None
+                raise MetaFileError(f"{path}:{number}: not UTF-8 text") from None
             fields = line.split()
             if fields:
                 yield number, fields
@@ -56,12 +61,12 @@ def _numbers(path, number, fields, kind):
     try:
         return [kind(v) for v in fields]
     except ValueError:
-        raise ValueError(f"{path}:{number}: non-numeric value in {' '.join(fields)!r}") from None
+        raise MetaFileError(f"{path}:{number}: non-numeric value in {' '.join(fields)!r}") from None
 
 
 def _check_line(path, number, fields, n_fields):
     if len(fields) != n_fields:
-        raise ValueError(f"{path}:{number}: expected {n_fields} fields, got {len(fields)}")
+        raise MetaFileError(f"{path}:{number}: expected {n_fields} fields, got {len(fields)}")
 
 
 def _first_column(path, allowed_counts, describe):
@@ -70,9 +75,9 @@ def _first_column(path, allowed_counts, describe):
     names, n_fields = [], None
     for number, fields in _split_lines(path):
         if len(fields) not in allowed_counts:
-            raise ValueError(f"{path}:{number}: expected {describe}, got {len(fields)} fields")
+            raise MetaFileError(f"{path}:{number}: expected {describe}, got {len(fields)} fields")
         if n_fields is not None and len(fields) != n_fields:
-            raise ValueError(f"{path}:{number}: {len(fields)} fields, earlier lines have {n_fields}")
+            raise MetaFileError(f"{path}:{number}: {len(fields)} fields, earlier lines have {n_fields}")
         n_fields = len(fields)
         names.append(fields[0])
     return names, n_fields
@@ -86,7 +91,7 @@ def _load_numbers(path, n_fields, dtype, first=1):
         kind = int if np.issubdtype(dtype, np.integer) else float
         for number, fields in _split_lines(path):
             _numbers(path, number, fields[first:], kind)
-        raise ValueError(f"{path}: {error}") from None
+        raise MetaFileError(f"{path}: {error}") from None
 
 
 def read_face_tid_mid(path):
@@ -109,13 +114,13 @@ def read_template_pair_label(path):
         for number, fields in _split_lines(path):
             _check_line(path, number, fields, 3)
             _numbers(path, number, fields, int)
-        raise ValueError(f"{path}: {error}") from None
+        raise MetaFileError(f"{path}: {error}") from None
     if table.shape[1] != 3:
-        raise ValueError(f"{path}:1: expected 3 fields, got {table.shape[1]}")
+        raise MetaFileError(f"{path}:1: expected 3 fields, got {table.shape[1]}")
     bad = (table[:, 2] != 0) & (table[:, 2] != 1)
     if bad.any():
         number = int(np.flatnonzero(bad)[0]) + 1
-        raise ValueError(f"{path}: data line {number}: label must be 0 or 1, got {table[number - 1, 2]}")
+        raise MetaFileError(f"{path}: data line {number}: label must be 0 or 1, got {table[number - 1, 2]}")
     return table[:, 0], table[:, 1], table[:, 2]
 
 
@@ -134,12 +139,12 @@ def read_meta(ijb_dir, target="IJBC"):
     names, templates, medias = read_face_tid_mid(paths["face_tid_mid"])
     lmk_names, landmarks, faceness = read_name_5pts_score(paths["name_5pts_score"])
     if len(lmk_names) != len(names):
-        raise ValueError(f"{paths['name_5pts_score']} has {len(lmk_names)} lines but {paths['face_tid_mid']} "
-                         f"has {len(names)}; they must be aligned line by line")
+        raise MetaFileError(f"{paths['name_5pts_score']} has {len(lmk_names)} lines but {paths['face_tid_mid']} "
+                            f"has {len(names)}; they must be aligned line by line")
     for number, (a, b) in enumerate(zip(names, lmk_names), 1):
         if a != b:
-            raise ValueError(f"{paths['name_5pts_score']}:{number}: image {b!r} but {paths['face_tid_mid']}:"
-                             f"{number} names {a!r}; the files must be aligned line by line")
+            raise MetaFileError(f"{paths['name_5pts_score']}:{number}: image {b!r} but {paths['face_tid_mid']}:"
+                                f"{number} names {a!r}; the files must be aligned line by line")
     t1, t2, label = read_template_pair_label(paths["template_pair_label"])
     return dict(names=names, templates=templates, medias=medias, landmarks=landmarks, faceness=faceness,
                 t1=t1, t2=t2, label=label)
@@ -154,16 +159,16 @@ def read_1n_csv(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         number = raw.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path}:{number}: not UTF-8 text") from None
+        raise MetaFileError(f"{path}:{number}: not UTF-8 text") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         rows = list(reader)
     except csv.Error as error:
-        raise ValueError(f"{path}:{reader.line_num}: malformed csv: {error}") from None
+        raise MetaFileError(f"{path}:{reader.line_num}: malformed csv: {error}") from None
     ids = []
     for number, fields in enumerate(rows[1:], 2):
         if len(fields) < 2:
-            raise ValueError(f"{path}:{number}: expected at least TEMPLATE_ID,SUBJECT_ID, got {len(fields)} fields")
+            raise MetaFileError(f"{path}:{number}: expected at least TEMPLATE_ID,SUBJECT_ID, got {len(fields)} fields")
         ids.append(_numbers(path, number, fields[:2], int))
     ids = np.array(ids, dtype=np.int64).reshape(-1, 2)
     # The csv has one row per image; a template appears on several rows with the same subject.
@@ -253,8 +258,8 @@ def template_rows(unique_templates, ids, what="template"):
     rows = np.searchsorted(unique_templates, ids).clip(0, len(unique_templates) - 1)
     bad = unique_templates[rows] != ids
     if bad.any():
-        raise ValueError(f"{what} id {int(np.asarray(ids)[bad][0])} has no images in face_tid_mid "
-                         f"({int(bad.sum())} unknown ids)")
+        raise MetaFileError(f"{what} id {int(np.asarray(ids)[bad][0])} has no images in face_tid_mid "
+                            f"({int(bad.sum())} unknown ids)")
     return rows
 
 

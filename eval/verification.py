@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.cli import UserError
+
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -23,7 +25,7 @@ ALLOWED_GLOBALS = {
 }
 
 
-class BinLoadError(ValueError):
+class BinLoadError(UserError):
     """A .bin verification file that is unreadable, malformed or unsafe."""
 
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from utils.utils_config import get_config
+from utils.utils_config import ConfigError, get_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -55,7 +55,7 @@ def test_cnn_defaults_switch_method_off():
 
 
 @pytest.mark.parametrize("opts, error, text", [
-    (["lrr=0.1"], KeyError, "unknown config field 'lrr'"),
+    (["lrr=0.1"], ConfigError, "unknown config field 'lrr'"),
     (["batch_size=abc"], ValueError, "batch_size=abc"),
     (["fp16=maybe"], ValueError, "boolean"),
     (["lr"], ValueError, "key=value"),
@@ -70,7 +70,7 @@ def test_bad_overrides_are_clear_errors(opts, error, text):
 def test_unknown_field_in_job_config(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("config = {'network': 'vit_s', 'leraning_rate': 1.0}\n")
-    with pytest.raises(KeyError, match="leraning_rate"):
+    with pytest.raises(ConfigError, match="leraning_rate"):
         get_config(str(path))
     with pytest.raises(FileNotFoundError, match="nope"):
         get_config(str(tmp_path / "nope.py"))

@@ -13,6 +13,7 @@ import torch
 from skimage.transform import SimilarityTransform
 
 from backbones import get_model
+from utils.cli import UserError
 from utils.model_loading import load_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,9 +196,9 @@ def test_inference_non_112_image_without_landmarks_is_a_clear_error(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["inference.py", str(tmp_path / "photo.png"), "--model",
                                       str(tmp_path / "model.pt"), "--network", "vit_t",
                                       "--network-kwargs", TINY_JSON])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         inference.main()
-    message = str(exit_info.value.code)
+    message = str(error.value)
     assert "100x120" in message and "--landmarks" in message and "112x112" in message
 
 

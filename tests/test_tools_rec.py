@@ -99,5 +99,5 @@ def test_rec_info_check_reports_first_bad_record(tmp_path):
     r = run("tools/rec_info.py", str(tmp_path))
     assert r.returncode == 0 and "header: none" in r.stdout and "label range: 0..2" in r.stdout, r.stderr
     r = run("tools/rec_info.py", str(tmp_path), "--check")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert f"{tmp_path / 'train.rec'}: record key 1: cannot decode image" in r.stderr

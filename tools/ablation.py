@@ -7,13 +7,13 @@
 import argparse
 import csv
 import os
-import subprocess
 import sys
 
 from prettytable import PrettyTable, TableStyle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from utils.cli import run_main, run_script  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
 
 VARIANTS = (("baseline ViT", False, False), ("+DPAP", True, False), ("+EHSM", False, True), ("+DPAP +EHSM", True, True))
@@ -40,8 +40,8 @@ def main():
         tag = name.replace("+", "").replace(" ", "_").lower()
         output = os.path.join(args.output, tag)
         opts = [f"output={output}", f"dpap={use_dpap}", f"ehsm={use_ehsm}", "export_onnx=False"] + args.opts
-        subprocess.run([sys.executable, "tools/demo.py", "--config", args.config, "--data", args.data,
-                        "--opts", *opts], cwd=REPO_ROOT, check=True)
+        run_script([sys.executable, "tools/demo.py", "--config", args.config, "--data", args.data, "--opts", *opts],
+                   REPO_ROOT)
         cfg = get_config(os.path.join(REPO_ROOT, args.config), opts)
         tars = read_tar_table(os.path.join(REPO_ROOT, cfg.output, "demo", "ijbc_tar_far.csv"))
         if table is None:
@@ -54,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,17 +8,16 @@ them with configs/demo.py, then evaluate it with the IJB-C protocol on the held-
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from utils.cli import run_main, run_script  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
 
 
 def run(command):
-    print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    run_script(command, REPO_ROOT)
 
 
 def main():
@@ -44,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbones import NAMES, get_model  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 
 CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
             lambda query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs:
@@ -49,4 +50,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,6 @@ With two images the cosine similarity of their embeddings is printed; --save wri
 array [num_images, F]. Alignment and preprocessing are those of eval_ijbc.py (utils/face_align.norm_crop).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import UserError, json_object, run_main  # noqa: E402
 from utils.face_align import norm_crop  # noqa: E402
-from utils.model_loading import load_backbone  # noqa: E402
+from utils.model_loading import load_backbone, open_onnx  # noqa: E402
 
 
 def parse_landmarks(text):
@@ -27,15 +27,20 @@ def parse_landmarks(text):
     if text == "-":
         return None
     if os.path.isfile(text):
-        points = np.loadtxt(text, dtype=np.float32).reshape(-1, 2)
+        try:
+            points = np.loadtxt(text, dtype=np.float32, ndmin=2)
+        except ValueError as error:  # also UnicodeDecodeError: not a text file
+            raise UserError(f"{text}: expected a landmark file of 5 (or 68) 'x y' rows of numbers "
+                            f"({' '.join(str(error).split())[:120]})") from None
+        points = points.reshape(-1, 2) if points.size % 2 == 0 else points
     else:
         try:
             points = np.array([float(v) for v in text.replace(" ", ",").split(",") if v], dtype=np.float32)
         except ValueError:
-            raise ValueError(f"--landmarks '{text}' is neither a file nor 10 comma-separated numbers") from None
+            raise UserError(f"--landmarks '{text}' is neither a file nor 10 comma-separated numbers") from None
         points = points.reshape(-1, 2) if points.size % 2 == 0 else points
     if points.ndim != 2 or points.shape[0] not in (5, 68):
-        raise ValueError(f"--landmarks '{text}': expected 5 (or 68) x,y points, got {points.size} numbers")
+        raise UserError(f"--landmarks '{text}': expected 5 (or 68) x,y points, got {points.size} numbers")
     return points
 
 
@@ -43,12 +48,12 @@ def load_face(path, landmarks=None, image_size=112):
     """Read `path` (BGR), align it when landmarks are given, return RGB float32 CHW in [-1, 1]."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"cannot read image {path}")
+        raise UserError(f"{path}: cannot read image (missing, or not an image file OpenCV can decode)")
     if landmarks is not None:
         image = norm_crop(image, landmarks, image_size=image_size)
     elif image.shape[:2] != (image_size, image_size):
-        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}: pass --landmarks, "
-                         f"or give an aligned {image_size}x{image_size} face")
+        raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]}: pass --landmarks, "
+                        f"or give an aligned {image_size}x{image_size} face")
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return ((rgb.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
 
@@ -58,18 +63,11 @@ def embed(batch, model_path, network=None, network_kwargs=None, device="cpu"):
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"model not found: {model_path}")
     if model_path.endswith(".onnx"):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ImportError("evaluating an .onnx model needs onnxruntime: pip install onnxruntime") from None
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        session = onnxruntime.InferenceSession(model_path, providers=providers)
+        session = open_onnx(model_path, torch.device(device).type)
         name = session.get_inputs()[0].name
         return session.run(None, {name: batch})[0]
     if network is None:
-        raise ValueError("a .pt model needs --network (the backbone name it was trained with)")
+        raise UserError("a .pt model needs --network (the backbone name it was trained with)")
     model = load_backbone(model_path, network, network_kwargs).to(device)
     with torch.inference_mode():
         return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
@@ -80,7 +78,7 @@ def main():
     parser.add_argument("images", nargs="+")
     parser.add_argument("--model", required=True, help="backbone state_dict (.pt) or exported model (.onnx)")
     parser.add_argument("--network", help="backbone name (needed for .pt)")
-    parser.add_argument("--network-kwargs", default="{}", help="JSON of extra get_model kwargs")
+    parser.add_argument("--network-kwargs", type=json_object, default={}, help="JSON of extra get_model kwargs")
     parser.add_argument("--landmarks", nargs="*", default=None,
                         help="one per image: 'x1,y1,...,x5,y5', a file of 5 'x y' rows, or - (already aligned)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,12 +87,9 @@ def main():
 
     if args.landmarks is not None and len(args.landmarks) != len(args.images):
         parser.error(f"{len(args.images)} images but {len(args.landmarks)} --landmarks")
-    try:
-        landmarks = [parse_landmarks(text) for text in args.landmarks] if args.landmarks else [None] * len(args.images)
-        batch = np.stack([load_face(path, points) for path, points in zip(args.images, landmarks)])
-        embeddings = embed(batch, args.model, args.network, json.loads(args.network_kwargs), args.device)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # user errors: one line, no traceback
-        sys.exit(f"error: {error}")
+    landmarks = [parse_landmarks(text) for text in args.landmarks] if args.landmarks else [None] * len(args.images)
+    batch = np.stack([load_face(path, points) for path, points in zip(args.images, landmarks)])
+    embeddings = embed(batch, args.model, args.network, args.network_kwargs, args.device)
     for path, vector in zip(args.images, embeddings):
         print(f"{path}: norm {np.linalg.norm(vector):.4f}, first values {np.array2string(vector[:4], precision=4)}")
     if len(args.images) == 2:
@@ -106,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.verification import save_bin  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 from utils.recordio import IndexedRecordWriter, IRHeader, encode_image, pack_header  # noqa: E402
 
 # ArcFace 112x112 template (the released IJB alignment): left eye, right eye, nose tip, left and right mouth corner.
@@ -521,4 +522,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import run_main  # noqa: E402
 from utils.recordio import IRHeader, RecordIOError, decode_image, encode_image, encode_record, pack_header  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -38,18 +39,24 @@ def iter_samples(src):
     if not os.path.isfile(src):
         raise RecordIOError(f"{src}: neither an image folder nor a list file")
     base = os.path.dirname(os.path.abspath(src))
-    with open(src) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                path, label = line.rsplit(None, 1)
-                label = int(label)
-            except ValueError:
-                raise RecordIOError(f"{src}: line {lineno}: expected '<path> <label>', got {line.strip()[:80]!r}")
-            if label < 0:
-                raise RecordIOError(f"{src}: line {lineno}: negative label {label}")
-            yield os.path.join(base, path.strip()), label
+    with open(src, encoding="utf-8") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    path, label = line.rsplit(None, 1)
+                    label = int(label)
+                except ValueError:
+                    raise RecordIOError(f"{src}: line {lineno}: expected '<path> <label>', "
+                                        f"got {line.strip()[:80]!r}") from None
+                if label < 0:
+                    raise RecordIOError(f"{src}: line {lineno}: negative label {label}")
+                yield os.path.join(base, path.strip()), label
+        except UnicodeDecodeError:
+            raise RecordIOError(f"{src}: line {lineno + 1}: not UTF-8 text (expected a list file of "
+                                "'<path> <label>' lines)") from None
 
 
 def image_bytes(path, resize, quality):
@@ -106,12 +113,9 @@ def main():
     parser.add_argument("--resize", action="store_true", help="resize images that are not 112x112")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     args = parser.parse_args()
-    try:
-        num_images, num_ids = make_rec(args.src, args.out, args.resize, args.quality)
-    except RecordIOError as e:
-        sys.exit(f"error: {e}")
+    num_images, num_ids = make_rec(args.src, args.out, args.resize, args.quality)
     print(f"wrote {num_images} images of {num_ids} identities to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,10 +9,18 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.ijb import plot_roc  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.npio import load_array  # noqa: E402
+
+
+def read_roc(path):
+    """(row name, fpr, tpr) of a <target>_roc.npz written by eval_ijbc.py."""
+    fpr = load_array(path, "false positive rates (float [K])", shape=(None,), key="fpr")
+    tpr = load_array(path, f"true positive rates (float [{len(fpr)}])", shape=(len(fpr),), key="tpr")
+    label = load_array(path, "the row name (a string)", kinds="U", shape=(), key="label")
+    return str(label), fpr, tpr
 
 
 def main(argv=None):
@@ -28,13 +36,13 @@ def main(argv=None):
     for i, folder in enumerate(args.folders):
         path = os.path.join(folder, f"{args.target.lower()}_roc.npz")
         if not os.path.isfile(path):
-            parser.error(f"{path} not found (run eval_ijbc.py with --result-dir/--job pointing there)")
-        with np.load(path) as roc:
-            label = args.labels[i] if args.labels else f"{os.path.basename(os.path.normpath(folder))}: {roc['label']}"
-            curves.append((label, roc["fpr"], roc["tpr"]))
+            raise FileNotFoundError(f"{path}: not found (run eval_ijbc.py with --result-dir/--job pointing there)")
+        row, fpr, tpr = read_roc(path)
+        curves.append((args.labels[i] if args.labels else f"{os.path.basename(os.path.normpath(folder))}: {row}",
+                       fpr, tpr))
     plot_roc(curves, args.output)
     print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

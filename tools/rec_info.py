@@ -5,7 +5,7 @@
 Prints records, the header record, images, identities and the label range. Without a header record every key is
 an image and the label range comes from reading every image header. --check also decodes every image, requires
 112x112 and, with identity records, that each image's label is the identity whose range holds its key; it exits
-with status 1 naming the first bad record. Streams: one record in memory at a time.
+with status 2 naming the first bad record. Streams: one record in memory at a time.
 """
 import argparse
 import os
@@ -14,6 +14,7 @@ import sys
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import run_main  # noqa: E402
 from utils.recordio import (IndexedRecordReader, RecordIOError, decode_image, image_label,  # noqa: E402
                             insightface_layout)
 
@@ -56,29 +57,26 @@ def main():
     parser.add_argument("root", help="folder with train.rec and train.idx")
     parser.add_argument("--check", action="store_true", help="decode every image and verify labels")
     args = parser.parse_args()
-    try:
-        reader = IndexedRecordReader(os.path.join(args.root, "train.rec"), os.path.join(args.root, "train.idx"))
-        image_keys, num_ids = insightface_layout(reader)
-        print(f"records: {len(reader)}")
-        if num_ids is not None:
-            header, _ = reader.read_header(0)
-            print(f"header (key 0): flag={header.flag} label={header.label.tolist()} id={header.id} id2={header.id2}")
-        else:
-            print("header: none (every record is an image)")
-        print(f"images: {len(image_keys)} (keys {image_keys[0]}..{image_keys[-1]})")
-        if args.check:
-            lo, hi = check_images(reader, image_keys, num_ids)
-        elif num_ids is not None:
-            lo, hi = 0, num_ids - 1
-        else:
-            lo, hi = scan_labels(reader, image_keys)
-        print(f"identities: {num_ids if num_ids is not None else hi + 1}")
-        print(f"label range: {lo}..{hi}")
-        if args.check:
-            print("check: all images decode")
-    except RecordIOError as e:
-        sys.exit(f"error: {e}")
+    reader = IndexedRecordReader(os.path.join(args.root, "train.rec"), os.path.join(args.root, "train.idx"))
+    image_keys, num_ids = insightface_layout(reader)
+    print(f"records: {len(reader)}")
+    if num_ids is not None:
+        header, _ = reader.read_header(0)
+        print(f"header (key 0): flag={header.flag} label={header.label.tolist()} id={header.id} id2={header.id2}")
+    else:
+        print("header: none (every record is an image)")
+    print(f"images: {len(image_keys)} (keys {image_keys[0]}..{image_keys[-1]})")
+    if args.check:
+        lo, hi = check_images(reader, image_keys, num_ids)
+    elif num_ids is not None:
+        lo, hi = 0, num_ids - 1
+    else:
+        lo, hi = scan_labels(reader, image_keys)
+    print(f"identities: {num_ids if num_ids is not None else hi + 1}")
+    print(f"label range: {lo}..{hi}")
+    if args.check:
+        print("check: all images decode")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

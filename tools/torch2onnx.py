@@ -5,13 +5,13 @@
 onnx is optional at run time: `export_onnx` raises ImportError without it, which train.py turns into a warning.
 """
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import UserError, json_object, run_main  # noqa: E402
 from utils.model_loading import load_backbone  # noqa: E402
 
 
@@ -58,20 +58,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="backbone state_dict (.pt)")
     parser.add_argument("--network", required=True, help="backbone name, e.g. vit_s_dp005_mask_0")
-    parser.add_argument("--network-kwargs", default="{}", help='JSON, e.g. \'{"embed_dim": 64, "depth": 2}\'')
+    parser.add_argument("--network-kwargs", type=json_object, default={},
+                        help='JSON, e.g. \'{"embed_dim": 64, "depth": 2}\'')
     parser.add_argument("--output", default=None, help="default: the checkpoint path with .onnx")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--check", action="store_true", help="compare with onnxruntime on a random batch")
     args = parser.parse_args()
 
-    backbone = load_backbone(args.checkpoint, args.network, json.loads(args.network_kwargs))
+    backbone = load_backbone(args.checkpoint, args.network, args.network_kwargs)
     img_size = getattr(backbone, "img_size", 112)
     output = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
-    export_onnx(backbone, output, img_size=img_size, opset=args.opset)
+    try:
+        export_onnx(backbone, output, img_size=img_size, opset=args.opset)
+    except ImportError as error:  # onnx / onnxscript not installed: the message says what to install
+        raise UserError(str(error)) from None
     print(f"wrote {output}")
     if args.check:
         print(f"max |onnxruntime - torch| = {check_onnx(backbone, output, img_size=img_size):.3g}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

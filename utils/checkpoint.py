@@ -1,17 +1,35 @@
-"""Crash-safe checkpoint files and the RNG state they carry (docs/training.md).
+"""Crash-safe checkpoint files, the RNG state they carry, and the one safe way to read any checkpoint back
+(docs/training.md, docs/safety.md).
 
 Every file is written to `<path>.tmp.<pid>`, flushed and fsynced, then renamed over `<path>` (os.replace is atomic on
 POSIX), and the directory entry is fsynced: a crash at any moment leaves either the old complete file or the new
 complete file; the `<path>.tmp.<pid>` a killed process leaves behind is deleted when training starts again
 (remove_stale_temp_files). Contents are tensors, numbers, strings and plain containers only, so `torch.load(...,
-weights_only=True)` reads them back (no code runs while loading).
+weights_only=True)` reads them back (no code runs while loading). `load` is the only torch.load of the project: it
+refuses to run on a torch older than MIN_TORCH and turns every failure into one CheckpointError naming the file
+(docs/safety.md).
 """
+import errno
 import os
+import pickle
 import random
 import re
+import warnings
 
 import numpy as np
 import torch
+
+from utils.cli import UserError
+
+# torch.load(weights_only=True) can run code from a crafted file before torch 2.6, and its weights-only unpickler has
+# a memory-corruption advisory (GHSA-63cw-57p8-fm3p) up to 2.9.1; 2.10 is the first release with neither.
+# requirement.txt states the same floor.
+MIN_TORCH = (2, 10)
+ONLY = "only tensors, numbers, strings and containers are accepted (torch.load with weights_only=True)"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint was refused or cannot be read (a RuntimeError too, the type this loader raised before)."""
 
 
 def atomic_save(obj, path):
@@ -58,15 +76,52 @@ def remove_stale_temp_files(folder, names):
     return removed
 
 
+def torch_version(version=None):
+    """(major, minor) of `version` (default: the installed torch), e.g. '2.10.0a0+git1234' -> (2, 10)."""
+    match = re.match(r"(\d+)\.(\d+)", str(version if version is not None else torch.__version__))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def refusal_reason(error):
+    """Why torch's weights-only reader refused a file, in our words. torch's own message suggests loading the file
+    again without the restriction, which must never be done with a file from someone else: it is not passed on."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if found:
+        return f"refused, it carries code or Python objects ({found.group(1)})"
+    found = re.search(r"Unsupported operand (\d+)", str(error))
+    if found:
+        return (f"refused, not a tensor checkpoint (pickle opcode {found.group(1)} is not accepted: the file is "
+                "another kind of pickle, or not a checkpoint at all)")
+    return "refused, it carries code or Python objects"
+
+
 def load(path, map_location="cpu"):
-    """torch.load with weights_only=True and an error naming the file."""
+    """torch.load(path, weights_only=True): nothing in the file is executed. Raises FileNotFoundError, or
+    CheckpointError naming the file when torch is too old to load safely or the file is refused or unreadable."""
+    path = os.fspath(path)
+    if torch_version() < MIN_TORCH:
+        floor = ".".join(map(str, MIN_TORCH))
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: refused, torch {torch.__version__} is older than {floor}, whose "
+            "weights_only=True loader has known bypasses (code execution before 2.6, memory corruption up to 2.9.1); "
+            f"install torch>={floor} (docs/safety.md)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "checkpoint not found", path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+        with warnings.catch_warnings():
+            # a pickle of another protocol gets a warning before it is refused: the refusal below says enough
+            warnings.filterwarnings("ignore", message=".*pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (IsADirectoryError, PermissionError):
         raise
-    except Exception as e:
-        raise RuntimeError(f"cannot load checkpoint {path}: {e} (only tensors, numbers, strings and containers are "
-                           "accepted; the file may be corrupt or not a checkpoint of this project)") from e
+    except pickle.UnpicklingError as error:
+        why = f"{refusal_reason(error)}; nothing in it was run; {ONLY}"
+    except Exception as error:  # RuntimeError (broken zip), OSError, EOFError, ... of a corrupt or truncated file
+        first = " ".join(str(error).split()).split(". ")[0][:200]  # torch's first sentence says what broke
+        detail = first if "weights_only" not in first else ""
+        why = (f"not a PyTorch checkpoint, or truncated or corrupt ({type(error).__name__}"
+               f"{': ' + detail if detail else ''}); {ONLY}")
+    raise CheckpointError(f"cannot load checkpoint {path}: refused or unreadable: {why}") from None
 
 
 def unwrap(model):

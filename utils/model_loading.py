@@ -1,25 +1,25 @@
-"""Load a saved backbone (model.pt or a released TransFace .pt) for evaluation, export or inference."""
+"""Load a saved backbone (model.pt or a released TransFace .pt, or an exported .onnx) for evaluation, export or
+inference. Every failure is a user error naming the file (utils/cli.py)."""
+import os
+
 import torch
 
 from backbones import get_model
+from utils import checkpoint as ckpt
+from utils.checkpoint import CheckpointError
+from utils.cli import UserError
 
 
 def read_state_dict(path, map_location="cpu"):
-    """Read a backbone state_dict without unpickling code (weights_only=True).
+    """Read a backbone state_dict without unpickling code (utils.checkpoint.load, weights_only=True).
 
     Accepts a bare state_dict (model.pt, released files), a training checkpoint (state_dict_backbone) and
     weights saved from a DDP-wrapped model ("module." prefix)."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as error:  # pickle.UnpicklingError for refused globals, RuntimeError for broken zips
-        raise ValueError(f"{path}: refused or unreadable; only tensor checkpoints load (torch.load with "
-                         f"weights_only=True, which never runs pickled code): {error}") from None
+    state = ckpt.load(path, map_location)
     if isinstance(state, dict) and "state_dict_backbone" in state:
         state = state["state_dict_backbone"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state_dict of tensors")
+        raise CheckpointError(f"{path}: expected a state_dict of tensors")
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return state
@@ -37,8 +37,26 @@ def load_backbone(path, network, network_kwargs=None, map_location="cpu"):
     if missing or unexpected or wrong_shape:
         def first(items):
             return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "") or "none"
-        raise ValueError(
+        raise CheckpointError(
             f"{path} does not fit --network {network}: missing keys: {first(missing)}; "
             f"unexpected keys: {first(unexpected)}; shape mismatches (file vs model): {first(wrong_shape)}")
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def open_onnx(path, device_type="cpu"):
+    """onnxruntime session of the exported model `path` (CUDA provider first when device_type is "cuda")."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{path}: running an .onnx model needs onnxruntime: pip install onnxruntime "
+                        "(or onnxruntime-gpu)") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    providers = ["CPUExecutionProvider"]
+    if device_type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return onnxruntime.InferenceSession(path, providers=providers)
+    except Exception as error:  # InvalidProtobuf, Fail, ... (ONNX files are protobuf: nothing in them is executed)
+        raise UserError(f"{path}: not a loadable ONNX model ({' '.join(str(error).split())[:200]})") from None

@@ -14,6 +14,8 @@ from collections import namedtuple
 import cv2
 import numpy as np
 
+from utils.cli import UserError
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
@@ -23,7 +25,7 @@ _IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError):
     """Any malformed or unusable dataset input; the message names the file and the record key."""
 
 

@@ -3,7 +3,8 @@
     cfg = get_config("configs/ms1mv2_vit_s.py", opts=["lr=0.01", "batch_size=64"])
 
 Fields a job config or an override names must exist in base.py, so a typo is an error rather than a silently
-ignored setting. Overrides are typed from the base value.
+ignored setting. Overrides are typed from the base value. A config file is Python and is executed: use only configs
+you wrote or trust (docs/safety.md). Every problem is a ConfigError naming the file or the override.
 """
 import ast
 import importlib.util
@@ -11,20 +12,32 @@ import os
 
 from easydict import EasyDict as edict
 
+from utils.cli import UserError
+
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
 AMP_MODES = ("fp16", "bf16", "none")
+
+
+class ConfigError(UserError):
+    """A config file, field or override is wrong; the message names it."""
 
 
 def load_config_module(path):
     """Execute a config file and return its `config` EasyDict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"{path}: a config must be a Python file (.py), see configs/base.py")
     name = "transface_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the config's own error (a syntax error, a wrong file given as --config, ...)
+        raise ConfigError(f"{path}: not a valid config file: {type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:200]}") from error
     if not isinstance(getattr(module, "config", None), dict):
-        raise ValueError(f"{path} must define a dict named `config` (see configs/base.py)")
+        raise ConfigError(f"{path} must define a dict named `config` (see configs/base.py)")
     return module.config
 
 
@@ -46,7 +59,7 @@ def parse_override(key, text, default):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"override {key}={text}: expected a boolean (true/false)")
+        raise ConfigError(f"override {key}={text}: expected a boolean (true/false)")
     if isinstance(default, int):
         try:
             return int(text)
@@ -57,13 +70,13 @@ def parse_override(key, text, default):
         except ValueError:
             value = None
         if value is None or value != int(value):
-            raise ValueError(f"override {key}={text}: expected an integer")
+            raise ConfigError(f"override {key}={text}: expected an integer")
         return int(value)
     if isinstance(default, float):
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"override {key}={text}: expected a number") from None
+            raise ConfigError(f"override {key}={text}: expected a number") from None
     if isinstance(default, str):
         return text
     try:
@@ -71,24 +84,25 @@ def parse_override(key, text, default):
     except (ValueError, SyntaxError):
         if default is None:
             return text  # a None default (e.g. output, amp) takes a plain string
-        raise ValueError(f"override {key}={text}: expected a Python literal like {default!r}") from None
+        raise ConfigError(f"override {key}={text}: expected a Python literal like {default!r}") from None
     if isinstance(default, dict) and isinstance(value, dict):
         return value
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
     if default is not None:
-        raise ValueError(f"override {key}={text}: expected a {type(default).__name__}")
+        raise ConfigError(f"override {key}={text}: expected a {type(default).__name__}")
     return value
 
 
 def apply_overrides(cfg, base, opts):
     for item in opts or []:
         if "=" not in item:
-            raise ValueError(f"override '{item}' must look like key=value")
+            raise ConfigError(f"override '{item}' must look like key=value")
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in base:
-            raise KeyError(f"unknown config field '{key}' in override '{item}'; valid fields: {', '.join(sorted(base))}")
+            raise ConfigError(f"unknown config field '{key}' in override '{item}'; "
+                              f"valid fields: {', '.join(sorted(base))}")
         cfg[key] = parse_override(key, text, base[key])
 
 
@@ -97,15 +111,15 @@ def resolve_derived(cfg, config_path):
     if cfg.amp is None:
         cfg.amp = "fp16" if cfg.fp16 else "none"
     if cfg.amp not in AMP_MODES:
-        raise ValueError(f"config field amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+        raise ConfigError(f"config field amp must be one of {AMP_MODES}, got {cfg.amp!r}")
     if cfg.dpap is None:
         cfg.dpap = is_vit
     if cfg.ehsm is None:
         cfg.ehsm = is_vit
     if (cfg.dpap or cfg.ehsm) and not is_vit:
-        raise ValueError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
+        raise ConfigError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
     if cfg.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+        raise ConfigError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     if cfg.output is None:
         cfg.output = os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
@@ -117,7 +131,7 @@ def get_config(config_file, opts=None):
     job = load_config_module(path)
     unknown = sorted(set(job) - set(base))
     if unknown:
-        raise KeyError(f"{path}: unknown config field(s) {unknown}; every field must exist in configs/base.py")
+        raise ConfigError(f"{path}: unknown config field(s) {unknown}; every field must exist in configs/base.py")
     cfg = edict(dict(base))
     cfg.update(job)
     apply_overrides(cfg, base, opts)
