@@ -16,7 +16,7 @@ import torch
 
 from backbones import VIT_VARIANTS
 from eval import ijb
-from utils.cli import run_main
+from utils.cli import UserError, run_main
 from utils.npio import ArrayFileError, load_array
 
 # >>> Path of the IJB-C (or IJB-B) dataset: the folder holding loose_crop/ and meta/. Edit it here, or pass
@@ -62,8 +62,8 @@ def parse_args(argv=None):
     if args.image_path is None:
         args.image_path = IJB_ROOT
     if not os.path.isdir(args.image_path):
-        raise SystemExit(f"IJB dataset not found at {args.image_path}: set IJB_ROOT at the top of eval_ijbc.py "
-                         f"or pass --image-path <folder holding loose_crop/ and meta/>")
+        raise UserError(f"IJB dataset not found at {args.image_path}: set IJB_ROOT at the top of eval_ijbc.py "
+                        f"or pass --image-path <folder holding loose_crop/ and meta/>")
     return args
 
 

@@ -1,6 +1,8 @@
 """The release README's evaluation command, its outputs and its numerics, through eval_ijbc.py."""
 import os
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ import eval_ijbc
 from backbones import get_model
 from eval import ijb
 from tests.ijb_fixture import make_ijb_fixture
+from utils.cli import UserError
 from utils.model_loading import load_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The release README's evaluation line, word for word (its shell redirection dropped).
 README_EVAL = ("python eval_ijbc.py --model-prefix work_dirs/glint360k_vit_s/model.pt "
@@ -80,15 +85,21 @@ def test_release_defaults(ijbc, monkeypatch):
                              "insightface", "IJBC")
 
 
-def test_missing_ijb_path_names_both_ways(tmp_path, monkeypatch, capsys):
+def test_missing_ijb_path_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_ijbc, "IJB_ROOT", str(tmp_path / "IJBC"))
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(UserError) as error:
         eval_ijbc.parse_args(["--model-prefix", "m.pt"])
-    message = str(error.value)
-    assert message == (f"IJB dataset not found at {tmp_path / 'IJBC'}: set IJB_ROOT at the top of eval_ijbc.py "
-                       f"or pass --image-path <folder holding loose_crop/ and meta/>")
-    with pytest.raises(SystemExit, match="set IJB_ROOT at the top of eval_ijbc.py or pass --image-path"):
+    assert str(error.value) == (f"IJB dataset not found at {tmp_path / 'IJBC'}: set IJB_ROOT at the top of "
+                                f"eval_ijbc.py or pass --image-path <folder holding loose_crop/ and meta/>")
+    with pytest.raises(UserError, match="set IJB_ROOT at the top of eval_ijbc.py or pass --image-path"):
         eval_ijbc.parse_args(["--image-path", str(tmp_path / "missing")])
+    # as a command: one line on stderr
+    result = subprocess.run([sys.executable, "eval_ijbc.py", "--image-path", str(tmp_path / "missing")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: IJB dataset not found at {tmp_path / 'missing'}: set IJB_ROOT at "
+                                          "the top of eval_ijbc.py or pass --image-path <folder holding loose_crop/ "
+                                          "and meta/>"]
 
 
 @pytest.mark.parametrize("network, device, onnx, expected", [
