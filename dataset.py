@@ -10,9 +10,9 @@ from functools import partial
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.distributed import rank_and_world_size
 from utils.recordio import (RecordIOError, IndexedRecordReader, decode_image, identity_starts, image_label,
                             insightface_layout)
 
@@ -289,7 +289,7 @@ def get_dataloader(root, local_rank, batch_size, dali=False, seed=2048, num_work
     """-> loader yielding (images float32 [B,3,112,112] in [-1,1], labels int64 [B]) on the device of local_rank
     (CUDA if available, else CPU); drop_last. loader.sampler.set_epoch(e) reshuffles, set_start_batch(k) skips
     the first k batches of the current epoch."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world_size()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if root == "synthetic":
         check_label(1, num_classes, "synthetic data")

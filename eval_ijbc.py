@@ -14,16 +14,15 @@ import os
 import numpy as np
 import torch
 
-from backbones import VIT_VARIANTS
+from backbones import is_vit
 from eval import ijb
+from utils.amp import AMP_DTYPES
 from utils.cli import UserError, run_main
 from utils.npio import ArrayFileError, load_array
 
 # >>> Path of the IJB-C (or IJB-B) dataset: the folder holding loose_crop/ and meta/. Edit it here, or pass
 # >>> --image-path, which overrides it.
 IJB_ROOT = "/mnt/workspace/ijb/IJBC"
-
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -71,7 +70,7 @@ def default_amp(network, device, onnx=False):
     """The release runs every ViT block under forced CUDA fp16 autocast, with the attention core, patch
     embedding and head in float32; our ViT does exactly that under an outer fp16 autocast (backbones/vit.py).
     Off CUDA the release's forced autocast is inactive, so float32; CNNs evaluate in float32 as in arcface_torch."""
-    return "fp16" if device.type == "cuda" and network in VIT_VARIANTS and not onnx else "none"
+    return "fp16" if device.type == "cuda" and is_vit(network) and not onnx else "none"
 
 
 class OnnxBackbone:

@@ -32,11 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from utils.distributed import is_initialized, rank_and_world_size
 
 
 def class_range(num_classes, rank, world_size):
@@ -97,7 +93,7 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, weights):
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_initialized()
         max_logit = logits.amax(dim=1, keepdim=True)
         if distributed:
             dist.all_reduce(max_logit, dist.ReduceOp.MAX)
@@ -137,7 +133,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, amp_dtype=None):
         super().__init__()
-        rank, world_size = _world()
+        rank, world_size = rank_and_world_size()
         if num_classes < world_size:
             raise ValueError(f"num_classes={num_classes} is smaller than the world size {world_size}")
         if not 0.0 < sample_rate <= 1.0:
@@ -173,7 +169,7 @@ class PartialFC(nn.Module):
         embeddings = local_embeddings.float()
         labels = local_labels.long()
         weights = sample_weights.detach().float()
-        if dist.is_available() and dist.is_initialized():
+        if is_initialized():
             embeddings = AllGatherWithGrad.apply(embeddings)
             labels = _all_gather(labels)
             weights = _all_gather(weights)

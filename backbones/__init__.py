@@ -27,6 +27,11 @@ VIT_OVERRIDES = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "d
 NAMES = [*VIT_VARIANTS, *LAYERS, *MBF_VARIANTS]
 
 
+def is_vit(name):
+    """True for the TransFace ViTs: the backbones with the patch outputs that DPAP and EHSM use."""
+    return name in VIT_VARIANTS
+
+
 def get_model(name, num_features=512, fp16=False, dropout=0.0, **kwargs):
     """Build backbone `name`. `fp16` is accepted for arcface_torch compatibility and ignored: every backbone
     follows the caller's torch.autocast. `dropout` applies to the IResNets only. A wrong name or option (from a

@@ -26,6 +26,7 @@ from dpap import dpap  # noqa: E402
 from losses import CombinedMarginLoss, ehsm_weights  # noqa: E402
 from lr_scheduler import PolyScheduler  # noqa: E402
 from partial_fc import PartialFC  # noqa: E402
+from utils.amp import AMP_DTYPES  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 PARTS = ("nograd_fwd", "dpap", "backbone", "partial_fc", "optimizer")
@@ -89,7 +90,7 @@ def bench(name, args, device):
     scheduler = PolyScheduler(optimizer, 1e-3, 10**6, 10)
     images = torch.rand(args.batch_size, 3, 112, 112, device=device) * 2 - 1
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "none": None}[args.amp]
+    dtype = AMP_DTYPES[args.amp]
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype is not None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):

@@ -37,7 +37,7 @@ config.val_targets = []
 
 # --- added by this repository ---
 config.network_kwargs = {}  # extra get_model() kwargs, e.g. {"embed_dim": 64, "depth": 2}
-config.amp = None  # "fp16" | "bf16" | "none"; None -> "fp16" if fp16 else "none"
+config.amp = None  # "auto" | "fp16" | "bf16" | "none" (utils/amp.py); None -> "fp16" if fp16 else "none"
 config.margin_scale = 64.0  # s of the margin softmax (hard-coded in the released train.py)
 config.dpap = None  # None -> on for ViT backbones, off for CNNs
 config.dpap_top_k = 7

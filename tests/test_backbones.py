@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import backbones.vit as vit_module
-from backbones import NAMES, get_model
+from backbones import NAMES, get_model, is_vit
 from backbones.vit import Attention
 
 
@@ -380,3 +380,12 @@ def test_initialisation():
     # The SE gate keeps PyTorch's default Linear init: uniform in +-1/sqrt(fan_in).
     bound = 1 / math.sqrt(model.senet[2].in_features)
     assert model.senet[2].weight.abs().max() <= bound and model.senet[2].weight.std() > 0.3 * bound
+
+
+def test_is_vit():
+    """is_vit names exactly the backbones with patch outputs (what DPAP/EHSM, the config defaults and DDP use)."""
+    assert [n for n in NAMES if is_vit(n)] == ["vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b",
+                                               "vit_b_dp005_mask_005", "vit_l_dp005_mask_005"]
+    assert not any(is_vit(n) for n in ("r18", "r50", "mbf", "vit", "vit_x"))
+    assert hasattr(get_model("vit_t", embed_dim=32, depth=1, num_heads=2), "patch_size")
+    assert not hasattr(get_model("mbf"), "patch_size")

@@ -8,14 +8,13 @@ import pickletools
 import cv2
 import numpy as np
 import pytest
-from skimage.transform import SimilarityTransform
 
 from tools import make_demo_data as demo
+from utils.face_align import ARCFACE_REFERENCE as REF
+from utils.face_align import estimate_norm
 from utils.recordio import IndexedRecordReader, decode_image, image_label, insightface_layout
 
 SIZES = dict(num_train_ids=4, images_per_id=3, num_test_ids=4, bin_pairs=6, templates_per_id=3, progress=False)
-REF = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
-                [70.7299, 92.2041]])
 
 
 def _files(root):
@@ -157,13 +156,10 @@ def _pupil(gray, centre, radius=4):
 
 
 def _aligned(img, lm):
-    tform = SimilarityTransform.from_estimate(lm, REF) if hasattr(SimilarityTransform, "from_estimate") else None
-    if tform is None:
-        tform = SimilarityTransform()
-        tform.estimate(lm, REF)
-    aligned = cv2.warpAffine(img, tform.params[:2], (112, 112), borderValue=0)
+    matrix = estimate_norm(lm)
+    aligned = cv2.warpAffine(img, matrix, (112, 112), borderValue=0)
     gray = cv2.GaussianBlur(cv2.cvtColor(aligned, cv2.COLOR_BGR2GRAY).astype(np.float32), (0, 0), 0.7)
-    return gray, tform(lm)
+    return gray, lm @ matrix[:, :2].T + matrix[:, 2]
 
 
 def test_clean_render_pupils_at_landmarks():

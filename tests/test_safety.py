@@ -18,6 +18,7 @@ from eval import verification
 from utils import checkpoint as ckpt
 from utils.distributed import DistEnv
 from utils.model_loading import load_backbone, read_state_dict
+from utils.resume import load_resume
 from utils.utils_config import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,7 @@ def test_resume_from_poisoned_checkpoint_refused(tmp_path):
     cfg = get_config(os.path.join(REPO, "configs", "tiny_cpu.py"), [f"output={out}", "resume=True"])
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="cannot load checkpoint .*checkpoint_gpu_0.pt"):
-        train.load_resume(cfg, env, train.init_logging(0, str(out)))
+        load_resume(cfg, env, train.init_logging(0, str(out)))
     assert not marker.exists()
 
 

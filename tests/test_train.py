@@ -7,6 +7,7 @@ import torch
 
 import train
 from utils import checkpoint as ckpt
+from utils import resume
 from utils.distributed import DistEnv
 from utils.utils_config import get_config
 
@@ -233,7 +234,7 @@ def _resume_agreement_worker(rank, world_size, folders):
     results = []
     for folder in folders:
         try:
-            results.append(train.load_resume(tiny_cfg(folder), env, logging.getLogger(f"resume{rank}"))["global_step"])
+            results.append(resume.load_resume(tiny_cfg(folder), env, logging.getLogger(f"resume{rank}"))["global_step"])
         except RuntimeError as e:
             results.append(str(e))
     return results
@@ -284,7 +285,7 @@ def test_repartition_for_new_world_size(tmp_path):
     for world, expected in [(1, [(0, 11)]), (3, [(0, 4), (4, 8), (8, 11)])]:
         for rank, (start, stop) in enumerate(expected):
             env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-            out = train.repartition_states(cfg, env, final_state(tmp_path))
+            out = resume.repartition_states(cfg, env, final_state(tmp_path))
             assert torch.equal(out["state_dict_softmax_fc"]["weight"], full[start:stop])
             assert torch.equal(out["state_optimizer"]["state"][5]["exp_avg"], moment[start:stop])
             assert out["step_in_epoch"] == 2 * 2 // world  # same number of samples seen
@@ -305,12 +306,12 @@ def test_repartition_needs_every_old_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match=r"checkpoint_gpu_0\.pt was written by a run of 2 rank\(s\) at global "
                                            r"step 4, but this resume needs the checkpoints of 2 rank\(s\) at global "
                                            r"step 8"):
-        train.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 1)))
+        resume.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 1)))
     os.remove(ckpt.checkpoint_path(tmp_path, 1))
     with pytest.raises(FileNotFoundError, match=r"checkpoint_gpu_1\.pt is missing\. The previous run used 2 ranks "
                                                 r"and all of its checkpoint files \(checkpoint_gpu_0\.pt \.\. "
                                                 r"checkpoint_gpu_1\.pt\) are needed in the output folder"):
-        train.repartition_states(cfg, env, final_state(tmp_path))
+        resume.repartition_states(cfg, env, final_state(tmp_path))
 
 
 def test_stale_checkpoint_temp_files_removed_at_startup(tmp_path):
@@ -333,15 +334,11 @@ def test_stale_checkpoint_temp_files_removed_at_startup(tmp_path):
 
 
 def test_fp16_on_cpu_falls_back_to_bf16(tmp_path, recording):
-    import logging
-
-    assert train.resolve_amp(tiny_cfg(tmp_path, "amp=fp16"), torch.device("cpu"), logging.getLogger("t")) == (
-        torch.bfloat16, False)
-    assert train.resolve_amp(tiny_cfg(tmp_path, "amp=none"), torch.device("cpu"), logging.getLogger("t")) == (
-        None, False)
     result = train.train(tiny_cfg(tmp_path, "amp=fp16", "num_epoch=1"), CPU)
     assert result == {"status": "finished", "global_step": 4}
     assert all(torch.isfinite(torch.tensor(loss)) for loss in recording.losses)
+    assert "amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)" in (
+        tmp_path / "training.log").read_text()
 
 
 def test_onnx_export_skipped_without_onnx(tmp_path, monkeypatch):

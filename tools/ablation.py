@@ -11,10 +11,9 @@ import sys
 
 from prettytable import PrettyTable, TableStyle
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.cli import run_main, run_script  # noqa: E402
-from utils.utils_config import get_config  # noqa: E402
+from utils.utils_config import REPO_ROOT, get_config  # noqa: E402
 
 VARIANTS = (("baseline ViT", False, False), ("+DPAP", True, False), ("+EHSM", False, True), ("+DPAP +EHSM", True, True))
 

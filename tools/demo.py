@@ -10,10 +10,9 @@ import json
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.cli import run_main, run_script  # noqa: E402
-from utils.utils_config import get_config  # noqa: E402
+from utils.utils_config import REPO_ROOT, get_config  # noqa: E402
 
 
 def run(command):

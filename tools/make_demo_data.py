@@ -30,11 +30,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.verification import save_bin  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from utils.face_align import estimate_norm  # noqa: E402
 from utils.recordio import IndexedRecordWriter, IRHeader, encode_image, pack_header  # noqa: E402
 
-# ArcFace 112x112 template (the released IJB alignment): left eye, right eye, nose tip, left and right mouth corner.
-REFERENCE_5PTS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                           [41.5493, 92.3655], [70.7299, 92.2041]])
 SIZE = 112
 
 # Faces are drawn once per image on a canvas in canonical coordinates (the 112x112 aligned frame), covering
@@ -51,16 +49,6 @@ ROLE_TRAIN, ROLE_BIN, ROLE_IJBC = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------- geometry
-
-def similarity_lstsq(src, dst):
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src [K,2] onto dst [K,2] -> 2x3."""
-    x, y = src[:, 0], src[:, 1]
-    one, zero = np.ones_like(x), np.zeros_like(x)
-    # x' = a x - b y + tx,  y' = b x + a y + ty
-    m = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
-    a, b, tx, ty = np.linalg.lstsq(m, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)[0]
-    return np.array([[a, -b, tx], [b, a, ty]])
-
 
 def similarity(scale, angle_deg, centre, target):
     """2x3 similarity that rotates/scales about `centre` and moves it to `target`."""
@@ -299,7 +287,7 @@ def sample_frame(rng, media):
 def aligned_affine(rng, pts):
     """Canonical -> 112x112 affine of an aligned training image: the 5-point fit to the template (what a real
     aligner does with detected landmarks) plus small detector jitter."""
-    fit = similarity_lstsq(pts, REFERENCE_5PTS)
+    fit = estimate_norm(pts)  # the same 5-point fit to the ArcFace template as utils/face_align.py
     jitter = similarity(1 + rng.normal(0, 0.03), rng.normal(0, 2.0), (56, 60), (56, 60) + rng.normal(0, 1.2, 2))
     return compose(jitter, fit), (SIZE, SIZE)
 

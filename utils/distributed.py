@@ -44,25 +44,37 @@ def setup_distributed(local_rank_arg=None):
 
 
 def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()
+
+
+def is_initialized():
+    """True inside a process group; False in a world of one started without one."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size():
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def all_reduce_max(tensor):
     """In-place MAX over ranks (no-op in a world of one)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def all_gather_tensor(tensor):
     """[tensor of rank 0, ..., tensor of rank W-1] (same shape everywhere); [tensor] in a world of one."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
         dist.all_gather(out, tensor)
         return out

@@ -12,10 +12,12 @@ import os
 
 from easydict import EasyDict as edict
 
+from backbones import is_vit
+from utils.amp import AMP_MODES
 from utils.cli import UserError
 
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
-AMP_MODES = ("fp16", "bf16", "none")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO_ROOT, "configs", "base.py")
 
 
 class ConfigError(UserError):
@@ -107,16 +109,16 @@ def apply_overrides(cfg, base, opts):
 
 
 def resolve_derived(cfg, config_path):
-    is_vit = cfg.network.startswith("vit")
+    vit = is_vit(cfg.network)
     if cfg.amp is None:
         cfg.amp = "fp16" if cfg.fp16 else "none"
     if cfg.amp not in AMP_MODES:
         raise ConfigError(f"config field amp must be one of {AMP_MODES}, got {cfg.amp!r}")
     if cfg.dpap is None:
-        cfg.dpap = is_vit
+        cfg.dpap = vit
     if cfg.ehsm is None:
-        cfg.ehsm = is_vit
-    if (cfg.dpap or cfg.ehsm) and not is_vit:
+        cfg.ehsm = vit
+    if (cfg.dpap or cfg.ehsm) and not vit:
         raise ConfigError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
