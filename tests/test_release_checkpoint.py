@@ -39,6 +39,11 @@ def test_release_layout_is_recognised_and_converted(tmp_path):
     own = {"world_size": 1, "epoch": 3}
     ckpt.atomic_save(own, tmp_path / "checkpoint_gpu_0.pt")
     assert rc.load(tmp_path / "checkpoint_gpu_0.pt") == own
+    # neither ours nor the release's: one line naming the file and both layouts
+    ckpt.atomic_save({"epoch": 3}, tmp_path / "checkpoint_gpu_0.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_gpu_0\.pt: not a training checkpoint: expected this "
+                                                   r"project's keys .* or the released train\.py's .*found \['epoch'\]"):
+        rc.load(tmp_path / "checkpoint_gpu_0.pt")
     note = rc.resume_note(rc.from_release(saved[0], 2))
     assert note.startswith("resuming a checkpoint written by the released TransFace train.py (2 rank(s)): epoch 1, "
                            "global step 2;") and "GradScaler starts fresh" in note

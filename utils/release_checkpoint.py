@@ -68,7 +68,12 @@ def load(path):
     """ckpt.load(path); a checkpoint of the released train.py comes back converted by from_release()."""
     saved = ckpt.load(path)
     if is_release_checkpoint(saved):
-        saved = from_release(saved, release_world_size(os.path.dirname(os.fspath(path))))
+        return from_release(saved, release_world_size(os.path.dirname(os.fspath(path))))
+    if not isinstance(saved, dict) or "world_size" not in saved:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ckpt.CheckpointError(
+            f"{path}: not a training checkpoint: expected this project's keys (world_size, epoch, ...) or the "
+            f"released train.py's {sorted(RELEASE_KEYS)}, found {found}")
     return saved
 
 
