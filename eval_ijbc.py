@@ -44,6 +44,7 @@ def parse_args(argv=None):
                         help="autocast dtype for extraction; default: fp16 for a ViT on CUDA (the release's "
                              "numerics), else none (float32)")
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone before extraction")
     # Scoring switches; defaults as the released script (flip add, norm score, detector score all on)
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                         help="combine each image with its horizontal flip")
@@ -91,7 +92,10 @@ def load_model(args, device):
     if args.onnx:
         return OnnxBackbone(args.model_prefix, device)
     from utils.model_loading import load_backbone  # strict load, weights_only=True, clear key-mismatch error
-    return load_backbone(args.model_prefix, args.network, args.network_kwargs, map_location="cpu").to(device)
+    model = load_backbone(args.model_prefix, args.network, args.network_kwargs, map_location="cpu").to(device)
+    if args.compile:
+        model.compile()
+    return model
 
 
 def extract_features(args, meta, device):

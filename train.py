@@ -182,6 +182,8 @@ def train(cfg, env, stop=None):
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)
     margin_loss = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
     head = PartialFC(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype).to(env.device)
+    if cfg.compile:
+        backbone.compile()  # in place: state_dict keys, DDP and checkpoints see the plain module
     optimizer = build_optimizer(cfg, backbone, head)
     head.register_optimizer(optimizer)
     scheduler = PolyScheduler(optimizer, cfg.lr, total_step, warmup_step)

@@ -23,7 +23,7 @@ VIT_VARIANTS = {
 }
 VIT_DEFAULTS = dict(img_size=112, patch_size=9, num_heads=8, mlp_ratio=4)
 VIT_OVERRIDES = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "drop_path_rate", "mask_ratio",
-                 "using_checkpoint"}
+                 "using_checkpoint", "attention_precision"}
 NAMES = [*VIT_VARIANTS, *LAYERS, *MBF_VARIANTS]
 
 

@@ -3,9 +3,9 @@ training, an SE-like gate over all final tokens and a flatten+Linear/BN feature 
 
 Precision. The release forces CUDA fp16 autocast on inside every block, whatever the config says. Here the
 blocks follow the caller's autocast instead (device-agnostic; the training loop decides fp16/bf16/none), while
-the parts the release keeps in float32 stay in float32 under any outer autocast: the attention core
-(q, k, v cast to float32, autocast off), the patch embedding, and everything after the blocks (final LayerNorm on
-x.float(), gate, std, feature head). Run the forward under torch.autocast(..., dtype=torch.float16) to get the
+the parts the release keeps in float32 stay in float32 under any outer autocast: the attention core on CUDA
+(q, k, v cast to float32, autocast off; see `attention_precision` below for other devices), the patch embedding, and
+everything after the blocks (final LayerNorm on x.float(), gate, std, feature head). Run the forward under torch.autocast(..., dtype=torch.float16) to get the
 release's numerics; without an outer autocast the whole model is float32.
 """
 import torch
@@ -29,22 +29,43 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+ATTENTION_PRECISIONS = ("auto", "float32", "autocast")
+
+
+def attention_core_in_float32(precision, device_type):
+    """Whether softmax(q k^T / sqrt(head_dim)) v runs in float32 under an outer autocast.
+
+    "float32": always, as the release does on CUDA (q, k, v cast to float32, CUDA autocast off).
+    "autocast": the core follows the caller's autocast dtype like the rest of the block.
+    "auto" (default): float32 on CUDA; elsewhere follow autocast. That is what the release's code does on every
+    device: it turns off only CUDA autocast (torch.cuda.amp.autocast(False)), so under CPU bf16 autocast its core
+    runs in bf16 — about twice as fast on a CPU with native bf16 (bench/README.md, "Training step").
+    """
+    if precision not in ATTENTION_PRECISIONS:
+        raise ValueError(f"attention_precision must be one of {ATTENTION_PRECISIONS}, got {precision!r}")
+    return precision == "float32" or (precision == "auto" and device_type == "cuda")
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, precision="auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        attention_core_in_float32(precision, "cpu")  # validate early
         self.num_heads = num_heads
+        self.precision = precision
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.float().unbind(0)
-        # The release computes softmax(q k^T / sqrt(head_dim)) v in float32 even under fp16 autocast.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.scaled_dot_product_attention(q, k, v)
+        if attention_core_in_float32(self.precision, x.device.type):
+            q, k, v = qkv.float().unbind(0)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(*qkv.unbind(0))
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -60,12 +81,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, attention_precision="auto"):
         super().__init__()
         # Registration order norm1, norm2, attn, mlp gives the released state_dict key order.
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, attention_precision)
         self.mlp = Mlp(dim, dim * mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -86,7 +107,8 @@ def random_masking(x, num_keep):
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=112, patch_size=9, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
-                 drop_path_rate=0.0, mask_ratio=0.0, num_features=512, using_checkpoint=False):
+                 drop_path_rate=0.0, mask_ratio=0.0, num_features=512, using_checkpoint=False,
+                 attention_precision="auto"):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -99,7 +121,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, rate, attention_precision)
+                                     for rate in rates])
         self.norm = nn.LayerNorm(embed_dim)
         self.feature = nn.Sequential(
             nn.Linear(embed_dim * num_patches, embed_dim, bias=False),

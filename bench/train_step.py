@@ -2,6 +2,10 @@
 
     python bench/train_step.py                       # vit_t and vit_s, batch 32, CPU or the first CUDA device
     python bench/train_step.py --networks vit_s --batch-size 128 --steps 20 --amp bf16
+    python bench/train_step.py --amp bf16 --attention float32 autocast --no-compile   # the attention core's dtype
+
+Every network is timed eager and under torch.compile (the backbone compiled in place, as config.compile does;
+compilation happens in the warm-up steps and is not timed), for each --attention precision (backbones/vit.py).
 
 Parts, each closed by a device synchronisation (so the sum is a little slower than the real, unsynchronised step):
   nograd_fwd  the no-grad forward that yields the patch weights
@@ -22,11 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbones import get_model  # noqa: E402
+from backbones.vit import ATTENTION_PRECISIONS  # noqa: E402
 from dpap import dpap  # noqa: E402
 from losses import CombinedMarginLoss, ehsm_weights  # noqa: E402
 from lr_scheduler import PolyScheduler  # noqa: E402
 from partial_fc import PartialFC  # noqa: E402
-from utils.amp import AMP_DTYPES  # noqa: E402
+from utils.amp import AMP_DTYPES, resolve_amp  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 PARTS = ("nograd_fwd", "dpap", "backbone", "partial_fc", "optimizer")
@@ -82,9 +87,11 @@ def step_flops(backbone, images):
     return counter.get_total_flops()
 
 
-def bench(name, args, device):
+def bench(name, args, device, attention, compiled):
     torch.manual_seed(0)
-    backbone = get_model(name).to(device).train()
+    backbone = get_model(name, attention_precision=attention).to(device).train()
+    if compiled:
+        backbone.compile()
     head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 512, args.num_classes).to(device).train()
     optimizer = torch.optim.AdamW([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=1e-3)
     scheduler = PolyScheduler(optimizer, 1e-3, 10**6, 10)
@@ -99,7 +106,7 @@ def bench(name, args, device):
             for _ in range(args.steps)]
     parts = {p: statistics.median(r[p] for r in runs) for p in PARTS}
     total = statistics.median(sum(r.values()) for r in runs)
-    row = {"network": name, "samples_per_s": args.batch_size / total, "step_ms": total * 1e3,
+    row = {"network": name, "attention": attention, "compiled": compiled, "samples_per_s": args.batch_size / total, "step_ms": total * 1e3,
            **{p + "_ms": v * 1e3 for p, v in parts.items()}}
     if device.type == "cuda":
         peak = peak_tflops(device)
@@ -122,23 +129,30 @@ def main():
     parser.add_argument("--num-classes", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--amp", choices=["bf16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default=None,
+                        help="default: bf16 on CUDA, none on CPU; auto as in the configs (utils/amp.py)")
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=list(ATTENTION_PRECISIONS),
+                        help="attention core precision(s) to time")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each network under torch.compile (default on)")
     parser.add_argument("--cpu", action="store_true", help="ignore CUDA")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" else "none"
+    args.amp = resolve_amp(args.amp, device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"threads {torch.get_num_threads()}, batch {args.batch_size}, amp {args.amp}, torch {torch.__version__}")
-    header = ["network", "samples_per_s", "step_ms", *(p + "_ms" for p in PARTS)]
+    header = ["network", "attention", "compiled", "samples_per_s", "step_ms", *(p + "_ms" for p in PARTS)]
     if device.type == "cuda":
         header += ["model_tflops", "mfu"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in args.networks:
-        row = bench(name, args, device)
-        print("| " + " | ".join(fmt(row[h]) for h in header) + " |",
-              flush=True)
+        for attention in args.attention:
+            for compiled in (False, True) if args.compile else (False,):
+                row = bench(name, args, device, attention, compiled)
+                print("| " + " | ".join(fmt(row[h]) for h in header) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,4 @@ config.ehsm_reduction = "mean"  # "mean" (released) or "sum" (paper figure)
 config.grad_clip = 5.0
 config.max_nonfinite_steps = 100  # stop when the loss stays non-finite this many steps in a row
 config.export_onnx = True
+config.compile = False  # torch.compile the backbone (same numerics, faster steps on GPUs; docs/training.md)

@@ -231,13 +231,41 @@ def test_attention_core_in_float32_under_autocast(monkeypatch):
         return sdpa(q, k, v)
 
     monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention", recording_sdpa)
-    model = tiny_vit().eval()
+    model = tiny_vit(attention_precision="float32").eval()
     with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out, weights, entropy = model(torch.randn(2, 3, 112, 112), return_aux=True)
         inner = model.blocks[0].attn.qkv(torch.randn(2, 5, 32))
     assert inner.dtype == torch.bfloat16  # the projections follow the outer autocast
     assert seen == [(torch.float32, torch.float32, torch.float32, False)] * 2
     assert out.dtype == weights.dtype == entropy.dtype == torch.float32
+
+
+def test_attention_precision_follows_autocast_where_asked(monkeypatch):
+    """"autocast" (and "auto" off CUDA) runs the core in the outer autocast dtype; without autocast the three
+    settings give the same float32 model."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v):
+        seen.append(q.dtype)
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention", recording_sdpa)
+    x = torch.randn(2, 3, 112, 112)
+    outputs = {}
+    for precision in ("float32", "autocast", "auto"):
+        torch.manual_seed(0)
+        model = tiny_vit(attention_precision=precision).eval()
+        seen.clear()
+        with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            model(x)
+        assert seen == [torch.float32 if precision == "float32" else torch.bfloat16] * 2
+        with torch.no_grad():
+            outputs[precision] = model(x)
+    assert torch.equal(outputs["float32"], outputs["autocast"]) and torch.equal(outputs["float32"], outputs["auto"])
+    assert vit_module.attention_core_in_float32("auto", "cuda") and not vit_module.attention_core_in_float32("auto", "cpu")
+    with pytest.raises(ValueError, match="attention_precision"):
+        tiny_vit(attention_precision="fp16")
 
 
 def test_return_aux_matches_gate_recomputed_from_final_tokens():

@@ -1,0 +1,107 @@
+"""tools/plot_training.py: exact numbers from each log layout and from TensorBoard, and what the figure shows."""
+import math
+
+import numpy as np
+import pytest
+
+from tools import plot_training as pt
+from utils.utils_callbacks import CallBackLogging
+from utils.utils_logging import AverageMeter, init_logging
+
+RELEASE = [  # the released TransFace / arcface_torch layout (formatter "Training: %(asctime)s-%(message)s")
+    "Training: 2023-03-17 10:11:12,345-Speed 1234.56 samples/sec   Loss 12.3456   LearningRate 0.000100   "
+    "Epoch: 0   Global Step: 20   Fp16 Grad Scale: 65536   Required: 123 hours",
+    "Training: 2023-03-17 10:11:12,345-[lfw][2000]XNorm: 22.100000",
+    "Training: 2023-03-17 10:11:12,345-[lfw][2000]Accuracy-Flip: 0.99500+-0.00300",
+    "Training: 2023-03-17 10:11:12,345-[lfw][2000]Accuracy-Highest: 0.99500",
+]
+OURS = [  # this repository's current layout ("%(asctime)s-rank0-%(message)s", no grad scale without fp16)
+    "2026-11-02 08:00:01,002-rank0-Speed 812.34 samples/sec   Loss 45.6789   LearningRate 0.000950   Epoch: 3   "
+    "Global Step: 250   Required: 0.2 hours",
+    "2026-11-02 08:00:01,002-rank0-Speed 900.00 samples/sec   Loss nan   LearningRate 1.5e-05   Epoch: 3   "
+    "Global Step: 260   Fp16 Grad Scale: 1024   Required: 0.1 hours",
+    "2026-11-02 08:00:09,500-rank0-[cfp_fp][250]Accuracy-Flip: 0.87143+-0.01234",
+    "2026-11-02 08:00:09,500-rank0-config:",  # not a measurement
+]
+
+
+def parse(lines):
+    run = pt.empty_run("r")
+    return run, [pt.parse_line(line, run) for line in lines]
+
+
+def test_release_layout():
+    run, hits = parse(RELEASE)
+    assert hits == [True, False, True, False]
+    assert run["speed"] == ([20], [1234.56]) and run["loss"] == ([20], [12.3456]) and run["lr"] == ([20], [0.0001])
+    assert run["accuracy"] == {"lfw": ([2000], [0.995])}
+
+
+def test_our_layout():
+    run, hits = parse(OURS)
+    assert hits == [True, True, True, False]
+    assert run["speed"] == ([250, 260], [812.34, 900.0])
+    assert run["lr"] == ([250, 260], [0.00095, 1.5e-05])
+    assert run["loss"][1][0] == 45.6789 and math.isnan(run["loss"][1][1])
+    assert run["accuracy"] == {"cfp_fp": ([250], [0.87143])}
+
+
+def test_the_training_callback_output_parses(tmp_path):
+    """Whatever layout utils/utils_callbacks.py writes, the plotter reads its numbers back."""
+    logger = init_logging(0, str(tmp_path), name="plot_training_test")
+    callback = CallBackLogging(frequent=10, total_step=100, batch_size=32, world_size=2, logger=logger)
+    meter = AverageMeter()
+    callback(10, meter, 0, 0.01)  # first call only starts the clock
+    meter.update(3.14159)
+    callback(20, meter, 1, 0.000123, grad_scale=512.0)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    run = pt.read_run(str(tmp_path))
+    assert run["loss"] == ([20], [3.1416]) and run["lr"] == ([20], [0.000123])
+    assert run["speed"][0] == [20] and run["speed"][1][0] > 0
+    assert run["label"] == tmp_path.name
+
+
+def test_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step, loss in ((10, 40.0), (20, 30.5)):
+        writer.add_scalar("loss", loss, step)
+        writer.add_scalar("learning_rate", 0.001 * step, step)
+        writer.add_scalar("samples_per_sec", 100.0 + step, step)
+    writer.add_scalar("lfw/accuracy", 0.75, 20)
+    writer.add_scalar("lfw/xnorm", 20.0, 20)
+    writer.close()
+    run = pt.read_run(str(tmp_path / "tensorboard"))
+    assert run["label"] == tmp_path.name  # <output>/tensorboard is named after <output>
+    assert run["loss"] == ([10, 20], [40.0, 30.5])
+    np.testing.assert_allclose(run["lr"][1], [0.01, 0.02], rtol=1e-7)  # float32 in the event file
+    assert run["speed"] == ([10, 20], [110.0, 120.0]) and run["accuracy"] == {"lfw": ([20], [0.75])}
+
+
+def test_figure_overlays_runs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "training.log").write_text("\n".join(RELEASE) + "\n")
+    (tmp_path / "b.log").write_text("\n".join(OURS) + "\n")
+    out = tmp_path / "curves.png"
+    pt.main([str(tmp_path / "a"), str(tmp_path / "b.log"), "--labels", "release", "ours", "-o", str(out)])
+    assert out.stat().st_size > 0
+    fig = pt.plot([pt.read_run(str(tmp_path / "a"), "release"), pt.read_run(str(tmp_path / "b.log"), "ours")],
+                  str(tmp_path / "again.png"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:5] == ["loss", "learning rate", "samples/s (all ranks)", "cfp_fp accuracy (flip)",
+                          "lfw accuracy (flip)"]
+    lr_lines = fig.axes[1].get_lines()
+    assert [line.get_label() for line in lr_lines] == ["release", "ours"]
+    assert list(lr_lines[1].get_xdata()) == [250, 260] and list(lr_lines[1].get_ydata()) == [0.00095, 1.5e-05]
+    lfw = fig.axes[4].get_lines()
+    assert list(lfw[0].get_ydata()) == [0.995] and len(lfw[1].get_xdata()) == 0  # "ours" has no lfw
+
+
+def test_unparsable_log_is_one_clear_error(tmp_path):
+    path = tmp_path / "training.log"
+    path.write_text("hello\n")
+    with pytest.raises(ValueError, match="training.log: no 'Speed"):
+        pt.read_run(str(path))
