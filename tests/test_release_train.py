@@ -82,6 +82,10 @@ def test_training_log_reads_like_the_release(tmp_path):
     assert [(int(m.group(4)), int(m.group(5))) for m in speed] == [(0, 4), (1, 6), (1, 8)]
     assert all(REQUIRED.search(line) for line in lines if line.startswith("Speed "))
     assert all(float(m.group(2)) > 0 and float(m.group(1)) > 0 for m in speed)
+    # and the plotting tool reads the same numbers
+    from tools.plot_training import read_log
+    run = read_log(os.path.join(tmp_path, "training.log"))
+    assert run["loss"] == ([4, 6, 8], [float(m.group(2)) for m in speed])
 
 
 class NaNAtStep(train.PartialFC):
