@@ -1,9 +1,10 @@
 """IJB-C / IJB-B 1:1 verification (TAR@FAR) and, when the 1:N files are present, 1:N identification.
 
-    python eval_ijbc.py --model-prefix work_dirs/glint360k_vit_l/model.pt --image-path /data/IJBC \
+    python eval_ijbc.py --model-prefix work_dirs/glint360k_vit_l/model.pt \
         --result-dir work_dirs/glint360k_vit_l --network vit_l_dp005_mask_005
 
-Stages live in eval/ijb.py (protocol in docs/evaluation.md). Outputs go to <result-dir>/<job>/ (see write_outputs).
+The IJB root comes from IJB_ROOT below (edit it once, as with the release's eval_ijbc.py) or --image-path.
+Stages live in eval/ijb.py (protocol in docs/evaluation.md). Outputs go to <result-dir>/<job>/ (see main).
 """
 import argparse
 import csv
@@ -13,17 +14,24 @@ import os
 import numpy as np
 import torch
 
+from backbones import is_vit
 from eval import ijb
 from utils.amp import AMP_DTYPES
-from utils.cli import run_main
+from utils.cli import UserError, run_main
 from utils.npio import ArrayFileError, load_array
+
+# >>> Path of the IJB-C (or IJB-B) dataset: the folder holding loose_crop/ and meta/. Edit it here, or pass
+# >>> --image-path, which overrides it.
+IJB_ROOT = "/mnt/workspace/ijb/IJBC"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="IJB-B / IJB-C evaluation (1:1 TAR@FAR, 1:N TPIR/rank)")
-    parser.add_argument("--model-prefix", default=None, help="backbone weights (.pt state_dict; .onnx with --onnx)")
-    parser.add_argument("--image-path", required=True, help="IJB root holding loose_crop/ and meta/")
-    parser.add_argument("--result-dir", default="work_dirs/ijb_results")
+    parser.add_argument("--model-prefix", default="work_dirs/ms1mv2_vit_s/model.pt",
+                        help="backbone weights (.pt state_dict; .onnx with --onnx)")
+    parser.add_argument("--image-path", default=None,
+                        help=f"IJB root holding loose_crop/ and meta/ (default: IJB_ROOT in eval_ijbc.py, {IJB_ROOT})")
+    parser.add_argument("--result-dir", default=".")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (each also flipped)")
     parser.add_argument("--network", default="vit_s_dp005_mask_0", help="backbones.get_model name")
     parser.add_argument("--network-kwargs", type=json.loads, default={},
@@ -32,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     parser.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (read + align)")
-    parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype for extraction")
+    parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
+                        help="autocast dtype for extraction; default: fp16 for a ViT on CUDA (the release's "
+                             "numerics), else none (float32)")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone before extraction")
     # Scoring switches; defaults as the released script (flip add, norm score, detector score all on)
@@ -47,11 +57,21 @@ def parse_args(argv=None):
     parser.add_argument("--features", default=None, help="reuse image features saved by --save-features")
     parser.add_argument("--onnx", action="store_true", help="--model-prefix is an exported .onnx (onnxruntime)")
     args = parser.parse_args(argv)
-    if args.features is None and args.model_prefix is None:
-        parser.error("--model-prefix is required unless --features is given")
     if not isinstance(args.network_kwargs, dict):
         parser.error("--network-kwargs must be a JSON object")
+    if args.image_path is None:
+        args.image_path = IJB_ROOT
+    if not os.path.isdir(args.image_path):
+        raise UserError(f"IJB dataset not found at {args.image_path}: set IJB_ROOT at the top of eval_ijbc.py "
+                        f"or pass --image-path <folder holding loose_crop/ and meta/>")
     return args
+
+
+def default_amp(network, device, onnx=False):
+    """The release runs every ViT block under forced CUDA fp16 autocast, with the attention core, patch
+    embedding and head in float32; our ViT does exactly that under an outer fp16 autocast (backbones/vit.py).
+    Off CUDA the release's forced autocast is inactive, so float32; CNNs evaluate in float32 as in arcface_torch."""
+    return "fp16" if device.type == "cuda" and is_vit(network) and not onnx else "none"
 
 
 class OnnxBackbone:
@@ -84,7 +104,9 @@ def extract_features(args, meta, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     model = load_model(args, device)
-    return ijb.embed(model, loader, device, AMP_DTYPES[args.amp])
+    amp = args.amp or default_amp(args.network, device, args.onnx)
+    print(f"feature extraction on {device}, autocast: {amp}")
+    return ijb.embed(model, loader, device, AMP_DTYPES[amp])
 
 
 def load_features(path, num_images):
@@ -96,11 +118,16 @@ def load_features(path, num_images):
     return feats
 
 
-def tar_table(job, target, tar):
+def tar_row_name(target):
+    """The release names the TAR row "<score file stem>-<target>" (ijbc-IJBC), whatever --job is."""
+    return f"{target.lower()}-{target}"
+
+
+def tar_table(target, tar):
     from prettytable import PrettyTable
 
     table = PrettyTable(["Methods"] + [f"{x:g}" for x in ijb.FAR_TARGETS])
-    table.add_row([f"{job}-{target}"] + [f"{v * 100:.2f}" for v in tar])
+    table.add_row([tar_row_name(target)] + [f"{v * 100:.2f}" for v in tar])
     return table
 
 
@@ -162,12 +189,15 @@ def main(argv=None):
     scores = ijb.pair_scores(unique_templates, template_feats, meta["t1"], meta["t2"])
     tar, fpr, tpr = ijb.tar_at_far(meta["label"], scores)
 
-    print(tar_table(args.job, args.target, tar))
+    print(tar_table(args.target, tar))
     np.save(os.path.join(out_dir, f"{name}.npy"), scores)
     np.savez(os.path.join(out_dir, f"{name}_roc.npz"), fpr=fpr, tpr=tpr, label=f"{args.job}-{args.target}")
     write_table(os.path.join(out_dir, f"{name}_tar_far"), [f"{x:g}" for x in ijb.FAR_TARGETS],
-                f"{args.job}-{args.target}", tar * 100)
-    ijb.plot_roc([(f"{args.job}-{args.target}", fpr, tpr)], os.path.join(out_dir, f"{name}_roc.png"))
+                tar_row_name(args.target), tar * 100)
+    # ROC as the release writes it (<target>.pdf) and as a PNG for quick viewing; the curve is labelled by job
+    # so tools/plot_roc.py can overlay several result folders.
+    for path in (os.path.join(out_dir, f"{name}.pdf"), os.path.join(out_dir, f"{name}_roc.png")):
+        ijb.plot_roc([(f"{args.job}-{args.target}", fpr, tpr)], path)
     run_1n(args, unique_templates, template_feats, out_dir, name)
     print(f"results in {out_dir}")
 

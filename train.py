@@ -1,8 +1,8 @@
 """Train a TransFace (or arcface_torch CNN) face-recognition backbone with a Partial FC head.
 
     torchrun --nproc_per_node=8 train.py --config configs/ms1mv2_vit_s.py
-    python -m torch.distributed.launch --nproc_per_node=8 train.py --config configs/ms1mv2_vit_s.py
-    python train.py --config configs/tiny_cpu.py --opts batch_size=16 amp=none
+    python -m torch.distributed.launch --nproc_per_node=8 train.py        # the release's line: glint360k_vit_s
+    python train.py configs/tiny_cpu.py --opts batch_size=16 amp=none    # positional config, as arcface_torch
 
 The step is train_step(); host syncs, non-finite steps, stop requests and preemption, and where this loop differs
 from the released train.py are described in docs/training_loop.md.
@@ -32,18 +32,25 @@ from utils.resume import resume_training, save_state
 from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
-from utils.utils_logging import AverageMeter, init_logging
+from utils.utils_logging import AverageMeter, config_lines, init_logging
 
 EXIT_NONFINITE = 3
+DEFAULT_CONFIG = "configs/glint360k_vit_s.py"  # the released train.py's default
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="TransFace training")
-    parser.add_argument("--config", default="configs/ms1mv2_vit_s.py", help="config file, e.g. configs/ms1mv2_vit_s.py")
+    parser.add_argument("config_file", nargs="?", default=None, help="config file as a positional argument "
+                        "(arcface_torch's train_v2.py style); same as --config")
+    parser.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG}, as released)")
     # torch.distributed.launch passes --local-rank=N (new) or --local_rank=N (old torch); torchrun sets LOCAL_RANK
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides key=value, e.g. lr=0.01 amp=bf16")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config and args.config_file and args.config != args.config_file:
+        parser.error(f"two configs given: {args.config_file} and --config {args.config}")
+    args.config = args.config or args.config_file or DEFAULT_CONFIG
+    return args
 
 
 def seed_everything(seed):
@@ -53,7 +60,7 @@ def seed_everything(seed):
 
 
 def setup(cfg, env):
-    """Logger, leftovers of interrupted saves, seeds, the config and AMP mode in the log. -> (logger, AMP mode)."""
+    """Logger, leftovers of interrupted saves, seeds, the AMP mode in the log. -> (logger, AMP mode)."""
     logger = init_logging(env.rank, cfg.output)
     # temp files of saves interrupted by a kill: each rank removes those of its own files
     own_files = [os.path.basename(ckpt.checkpoint_path(cfg.output, env.rank))] + (["model.pt"] if env.rank == 0 else [])
@@ -62,8 +69,6 @@ def setup(cfg, env):
     seed_everything(cfg.seed + env.rank)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if env.rank == 0:
-        logger.info("config:\n" + "\n".join(f"  {k}: {cfg[k]!r}" for k in sorted(cfg)))
     amp = resolve_amp(cfg.amp, env.device)
     if cfg.amp == "fp16" and amp != "fp16":
         logger.warning("amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)")
@@ -167,6 +172,11 @@ def train(cfg, env, stop=None):
                             num_workers=cfg.num_workers, num_classes=cfg.num_classes)
     steps_per_epoch = count_steps(cfg, len(loader), env.world_size)
     total_step, warmup_step = steps_per_epoch * cfg.num_epoch, steps_per_epoch * cfg.warmup_epoch
+    if env.rank == 0:  # the release's config dump and the schedule it derives, for the scripts that parse it
+        derived = {"total_batch_size": cfg.batch_size * env.world_size * cfg.gradient_acc,
+                   "warmup_step": warmup_step, "total_step": total_step}
+        for line in config_lines(cfg, derived):
+            logger.info(line)
 
     # ---- backbone, Partial FC head, optimiser and schedule
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)

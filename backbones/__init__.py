@@ -2,7 +2,7 @@
 from utils.cli import UserError
 
 from .iresnet import LAYERS, iresnet
-from .mobilefacenet import MobileFaceNet
+from .mobilefacenet import MBF_VARIANTS, MobileFaceNet
 from .vit import VisionTransformer
 
 # All ViTs: 112x112 input, patch 9, 8 heads, MLP ratio 4. mask_ratio is honoured exactly by the model
@@ -24,7 +24,7 @@ VIT_VARIANTS = {
 VIT_DEFAULTS = dict(img_size=112, patch_size=9, num_heads=8, mlp_ratio=4)
 VIT_OVERRIDES = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "drop_path_rate", "mask_ratio",
                  "using_checkpoint", "attention_precision"}
-NAMES = [*VIT_VARIANTS, *LAYERS, "mbf"]
+NAMES = [*VIT_VARIANTS, *LAYERS, *MBF_VARIANTS]
 
 
 def is_vit(name):
@@ -45,6 +45,6 @@ def get_model(name, num_features=512, fp16=False, dropout=0.0, **kwargs):
         return VisionTransformer(num_features=num_features, **{**VIT_DEFAULTS, **VIT_VARIANTS[name], **kwargs})
     if kwargs:
         raise UserError(f"{name} takes no options {sorted(kwargs)}")
-    if name == "mbf":
-        return MobileFaceNet(num_features=num_features)
+    if name in MBF_VARIANTS:
+        return MobileFaceNet(num_features=num_features, **MBF_VARIANTS[name])
     return iresnet(name, num_features=num_features, dropout=dropout)

@@ -5,9 +5,13 @@ with fp16=True), so embeddings leave in float32.
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 LAYERS = {"r18": [2, 2, 2, 2], "r34": [3, 4, 6, 3], "r50": [3, 4, 14, 3], "r100": [3, 13, 30, 3],
-          "r200": [6, 26, 60, 6]}
+          "r200": [6, 26, 60, 6], "r2060": [3, 128, 896, 3]}
+# r2060 (arcface_torch's iresnet2060.py) recomputes layer2 / layer3 in 20 / 100 checkpointed segments while
+# training; the other depths keep every activation.
+CHECKPOINT_SEGMENTS = {"r2060": {"layer2": 20, "layer3": 100}}
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -39,8 +43,9 @@ class IBasicBlock(nn.Module):
 class IResNet(nn.Module):
     fc_scale = 7 * 7  # 112x112 input after four stride-2 stages
 
-    def __init__(self, layers, num_features=512, dropout=0.0):
+    def __init__(self, layers, num_features=512, dropout=0.0, checkpoint_segments=None):
         super().__init__()
+        self.checkpoint_segments = checkpoint_segments or {}
         self.conv1 = conv3x3(3, 64)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
@@ -67,11 +72,17 @@ class IResNet(nn.Module):
         if return_aux:
             raise ValueError("return_aux=True needs a ViT backbone; CNN backbones return only the embedding")
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            layer, segments = getattr(self, name), self.checkpoint_segments.get(name)
+            if segments and self.training:
+                x = checkpoint_sequential(layer, segments, x, use_reentrant=False)
+            else:
+                x = layer(x)
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.features(self.fc(x.float()))
 
 
 def iresnet(name, num_features=512, dropout=0.0):
-    return IResNet(LAYERS[name], num_features=num_features, dropout=dropout)
+    return IResNet(LAYERS[name], num_features=num_features, dropout=dropout,
+                   checkpoint_segments=CHECKPOINT_SEGMENTS.get(name))

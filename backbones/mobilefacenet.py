@@ -76,6 +76,10 @@ class GDC(nn.Module):
         return self.layers(x)
 
 
+# arcface_torch's get_mbf / get_mbf_large: (blocks per stage, channel scale). Hidden widths do not scale.
+MBF_VARIANTS = {"mbf": dict(blocks=(1, 4, 6, 2), scale=2), "mbf_large": dict(blocks=(2, 8, 12, 4), scale=4)}
+
+
 class MobileFaceNet(nn.Module):
     def __init__(self, num_features=512, blocks=(1, 4, 6, 2), scale=2):
         super().__init__()

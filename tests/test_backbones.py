@@ -87,12 +87,89 @@ def test_vit_parameter_counts(name):
     assert model.num_patches == 144 and model.img_size == 112 and model.patch_size == 9
 
 
-@pytest.mark.parametrize("name, params_m, num_keys", [("r50", 43.59, 475), ("r100", 65.16, 925), ("mbf", 2.06, 333)])
-def test_cnn_parameter_and_key_counts(name, params_m, num_keys):
-    with torch.device("meta"):
-        model = get_model(name)
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params_m
+def iresnet_params(layers, F=512):
+    """Parameter count of an arcface_torch IResNet written out by hand: stem, blocks (bn1 conv1 bn2 prelu conv2
+    bn3, plus a 1x1 conv + BN shortcut in each stage's first block), bn2, fc (with bias), features BN1d."""
+    bn = lambda c: 2 * c  # noqa: E731
+    block = lambda i, p: bn(i) + 9 * i * p + bn(p) + p + 9 * p * p + bn(p)  # noqa: E731
+    n, inplanes = 27 * 64 + bn(64) + 64, 64
+    for planes, blocks in zip((64, 128, 256, 512), layers):
+        n += block(inplanes, planes) + inplanes * planes + bn(planes) + (blocks - 1) * block(planes, planes)
+        inplanes = planes
+    return n + bn(512) + 512 * 49 * F + F + bn(F)
+
+
+def mbf_params(blocks, scale, F=512):
+    """Parameter count of arcface_torch's MobileFaceNet (get_mbf / get_mbf_large) written out by hand."""
+    conv = lambda i, o, k=1, g=1: k * k * i // g * o + 3 * o  # conv + BN + PReLU  # noqa: E731
+    linear = lambda i, o, k=1, g=1: k * k * i // g * o + 2 * o  # conv + BN  # noqa: E731
+    dw = lambda i, o, h: conv(i, h) + conv(h, h, 3, h) + linear(h, o)  # noqa: E731
+    c1, c2 = 64 * scale, 128 * scale
+    n = conv(3, c1, 3) + (conv(c1, c1, 3, 64) if blocks[0] == 1 else blocks[0] * dw(c1, c1, 128))
+    n += dw(c1, c1, 128) + blocks[1] * dw(c1, c1, 128) + dw(c1, c2, 256) + blocks[2] * dw(c2, c2, 256)
+    n += dw(c2, c2, 512) + blocks[3] * dw(c2, c2, 256)
+    return n + conv(c2, 512) + linear(512, 512, 7, 512) + 512 * F + 2 * F
+
+
+# Every name the release's get_model accepts, with its parameter count (F=512) and state_dict size.
+CNN_PARAMS = {"r18": (24_025_600, 187), "r34": (34_139_328, 331), "r50": (43_590_848, 475),
+              "r100": (65_156_160, 925), "r200": (118_833_920, 1807), "r2060": (1_122_301_120, 18583),
+              "mbf": (2_059_520, 333), "mbf_large": (6_314_880, 606)}
+CNN_SHAPES = {"r18": [2, 2, 2, 2], "r34": [3, 4, 6, 3], "r50": [3, 4, 14, 3], "r100": [3, 13, 30, 3],
+              "r200": [6, 26, 60, 6], "r2060": [3, 128, 1024 - 128, 3]}
+
+
+def test_every_release_name_is_known():
+    assert sorted(NAMES) == sorted([*PARAMS, *CNN_PARAMS])
+    assert len(NAMES) == 15
+
+
+@pytest.fixture(scope="module")
+def meta_cnns():
+    with torch.device("meta"):  # r2060 is 1.1 G parameters: counted without allocating
+        return {name: get_model(name) for name in CNN_PARAMS}
+
+
+@pytest.mark.parametrize("name", list(CNN_PARAMS))
+def test_cnn_parameter_and_key_counts(name, meta_cnns):
+    model = meta_cnns[name]
+    params, num_keys = CNN_PARAMS[name]
+    assert sum(p.numel() for p in model.parameters()) == params
     assert len(model.state_dict()) == num_keys
+    if name in CNN_SHAPES:
+        assert params == iresnet_params(CNN_SHAPES[name])
+    else:
+        assert params == mbf_params(*{"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}[name])
+    # the paper-level figures: r50 43.59 M, r100 65.16 M, mbf 2.06 M
+    assert {"r50": 43.59, "r100": 65.16, "mbf": 2.06}.get(name, round(params / 1e6, 2)) == round(params / 1e6, 2)
+
+
+def test_r2060_checkpoints_layer2_and_layer3_in_training(meta_cnns):
+    model = meta_cnns["r2060"]
+    assert model.checkpoint_segments == {"layer2": 20, "layer3": 100}
+    assert [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)] == [3, 128, 896, 3]
+    # segmented recomputation gives the same output and gradients as the plain forward (small stand-in)
+    from backbones.iresnet import IResNet
+    torch.manual_seed(0)
+    plain = IResNet([1, 2, 2, 1], num_features=8)
+    ckpt = IResNet([1, 2, 2, 1], num_features=8, checkpoint_segments={"layer2": 2, "layer3": 2})
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 112, 112)
+    outs = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), model.layer2[1].conv1.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+def test_mbf_large_layout(meta_cnns):
+    model = meta_cnns["mbf_large"]
+    assert [len(model.layers[i].layers) for i in (1, 3, 5, 7)] == [2, 8, 12, 4]
+    assert tuple(model.layers[0].layers[0].weight.shape) == (256, 3, 3, 3)
+    assert tuple(model.conv_sep.layers[0].weight.shape) == (512, 512, 1, 1)
 
 
 def test_cnn_key_structure():
@@ -300,7 +377,6 @@ def test_unknown_name_and_option():
     with pytest.raises(ValueError) as error:
         get_model("vit_xxl")
     assert all(name in str(error.value) for name in NAMES)
-    assert len(NAMES) == 13
     with pytest.raises(ValueError, match="unsupported ViT options"):
         get_model("vit_t", depht=2)
 

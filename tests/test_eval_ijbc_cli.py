@@ -53,10 +53,11 @@ def test_cli_end_to_end(setup, capsys):
     run(data, weights, result_dir, "--save-features", features)
     out = capsys.readouterr().out
     job = os.path.join(result_dir, "insightface")
-    for name in ("ijbc.npy", "ijbc_tar_far.md", "ijbc_tar_far.csv", "ijbc_roc.png", "ijbc_roc.npz",
+    for name in ("ijbc.npy", "ijbc.pdf", "ijbc_tar_far.md", "ijbc_tar_far.csv", "ijbc_roc.png", "ijbc_roc.npz",
                  "ijbc_1n.md", "ijbc_1n.csv"):
         assert os.path.getsize(os.path.join(job, name)) > 0, name
-    assert "insightface-IJBC" in out and "1:N identification" in out
+    assert open(os.path.join(job, "ijbc.pdf"), "rb").read(5) == b"%PDF-"
+    assert "| ijbc-IJBC |" in out and "1:N identification" in out
 
     # the saved table equals the stages recomputed from the saved features (24-d model -> [N, 48])
     feats = np.load(features)
@@ -67,7 +68,7 @@ def test_cli_end_to_end(setup, capsys):
     np.testing.assert_allclose(np.load(os.path.join(job, "ijbc.npy")), scores, atol=1e-12)
     header, row = read_csv_row(os.path.join(job, "ijbc_tar_far.csv"))
     assert header == ["Methods", "1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
-    assert row[0] == "insightface-IJBC"
+    assert row[0] == "ijbc-IJBC"
     np.testing.assert_allclose([float(v) for v in row[1:]], ijb.tar_at_far(meta["label"], scores)[0] * 100,
                                atol=1e-6)
     md = open(os.path.join(job, "ijbc_tar_far.md")).read().splitlines()
@@ -133,9 +134,9 @@ def test_ijbb_target_switches_file_names(tmp_path, capsys):
     run(data, weights, str(tmp_path / "res"), "--target", "IJBB", "--job", "b")
     assert "galleries S1/S2" in capsys.readouterr().out
     files = sorted(os.listdir(str(tmp_path / "res" / "b")))
-    assert files == ["ijbb.npy", "ijbb_1n.csv", "ijbb_1n.md", "ijbb_roc.npz", "ijbb_roc.png", "ijbb_tar_far.csv",
-                     "ijbb_tar_far.md"]
-    assert read_csv_row(str(tmp_path / "res" / "b" / "ijbb_tar_far.csv"))[1][0] == "b-IJBB"
+    assert files == ["ijbb.npy", "ijbb.pdf", "ijbb_1n.csv", "ijbb_1n.md", "ijbb_roc.npz", "ijbb_roc.png",
+                     "ijbb_tar_far.csv", "ijbb_tar_far.md"]
+    assert read_csv_row(str(tmp_path / "res" / "b" / "ijbb_tar_far.csv"))[1][0] == "ijbb-IJBB"
 
 
 def test_onnx_model_gives_the_same_table(setup, tmp_path):

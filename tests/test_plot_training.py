@@ -15,7 +15,7 @@ RELEASE = [  # the released TransFace / arcface_torch layout (formatter "Trainin
     "Training: 2023-03-17 10:11:12,345-[lfw][2000]Accuracy-Flip: 0.99500+-0.00300",
     "Training: 2023-03-17 10:11:12,345-[lfw][2000]Accuracy-Highest: 0.99500",
 ]
-OURS = [  # this repository's current layout ("%(asctime)s-rank0-%(message)s", no grad scale without fp16)
+OURS = [  # this repository's older layout ("%(asctime)s-rank0-%(message)s", no grad scale without fp16)
     "2026-11-02 08:00:01,002-rank0-Speed 812.34 samples/sec   Loss 45.6789   LearningRate 0.000950   Epoch: 3   "
     "Global Step: 250   Required: 0.2 hours",
     "2026-11-02 08:00:01,002-rank0-Speed 900.00 samples/sec   Loss nan   LearningRate 1.5e-05   Epoch: 3   "

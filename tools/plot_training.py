@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf)"
-# Searched anywhere in a line, so the prefix ("Training: <time>-" in the release, "<time>-rank0-" here) is free.
+# Searched anywhere in a line, so the prefix ("Training: <time>-" here and in the release, "<time>-rank0-" in this
+# repository's older logs) is free.
 SPEED_LINE = re.compile(rf"Speed\s+{NUMBER}\s+samples/sec\s+Loss\s+{NUMBER}\s+LearningRate\s+{NUMBER}\s+"
                         rf"Epoch:\s*(\d+)\s+Global Step:\s*(\d+)")
 ACCURACY_LINE = re.compile(rf"\[([^\]]+)\]\[(\d+)\]Accuracy-Flip:\s*{NUMBER}\s*\+-\s*{NUMBER}")

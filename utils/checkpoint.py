@@ -154,3 +154,26 @@ def set_rng_state(state):
 
 def checkpoint_path(output, rank):
     return os.path.join(output, f"checkpoint_gpu_{rank}.pt")
+
+
+# How our optimisers run their step, not what they compute: kept from the optimiser we built, never from a file.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping this optimiser's implementation flags.
+
+    torch copies every param-group entry from the file, flags included. A state_dict of a plain (non-fused) AdamW,
+    e.g. the release's (`fused: None`), would turn our fused AdamW into the for-loop one, whose step() rejects the
+    device-side found_inf that skips non-finite steps. So the flags are put back and the Adam step counters moved to
+    where the fused/capturable kernels expect them (float32 on the parameter's device)."""
+    flags = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)

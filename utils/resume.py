@@ -3,6 +3,7 @@ size, by re-partitioning the Partial FC shards) and the check that every rank re
 
 Checkpoint keys: epoch, step_in_epoch, global_step, world_size, rank, network, state_dict_backbone,
 state_dict_softmax_fc, state_optimizer, state_lr_scheduler, state_scaler ({} without GradScaler), rng.
+Checkpoints written by the released train.py (six of these keys) are read through utils/release_checkpoint.py.
 """
 import os
 
@@ -10,6 +11,7 @@ import torch
 
 from partial_fc import merge_shards, shard_for_rank
 from utils import checkpoint as ckpt
+from utils import release_checkpoint
 from utils.distributed import all_gather_tensor
 
 
@@ -31,7 +33,7 @@ def load_states(saved, backbone, head, optimizer, scheduler, scaler):
     """Put a checkpoint's module, optimiser, schedule and scaler states back (the inverse of save_state)."""
     backbone.load_state_dict(saved["state_dict_backbone"])
     head.load_state_dict(saved["state_dict_softmax_fc"])
-    optimizer.load_state_dict(saved["state_optimizer"])
+    ckpt.load_optimizer_state(optimizer, saved["state_optimizer"])  # keeps our fused/foreach/... flags
     scheduler.load_state_dict(saved["state_lr_scheduler"])
     if scaler is not None and saved["state_scaler"]:
         scaler.load_state_dict(saved["state_scaler"])
@@ -63,7 +65,9 @@ def load_resume(cfg, env, logger):
             logger.warning(f"resume=True but {first} does not exist; starting from scratch")
         else:
             used = own if os.path.exists(own) else first
-            saved = ckpt.load(used)
+            saved = release_checkpoint.load(used)
+            if saved.get("from_release"):
+                logger.info(release_checkpoint.resume_note(saved))
             if saved["world_size"] != env.world_size:
                 logger.info(f"checkpoint written by {saved['world_size']} ranks, running on {env.world_size}: "
                             "re-partitioning the Partial FC shards")
@@ -89,7 +93,7 @@ def repartition_states(cfg, env, saved):
                 f"previous run used {old_world} ranks and all of its checkpoint files (checkpoint_gpu_0.pt .. "
                 f"checkpoint_gpu_{old_world - 1}.pt) are needed in the output folder {cfg.output}; copy them there, "
                 f"or resume with {old_world} ranks")
-    states = [ckpt.load(path) for path in paths]
+    states = [release_checkpoint.load(path) for path in paths]
     for path, state in zip(paths, states):
         if state.get("world_size") != old_world or state.get("global_step") != saved.get("global_step"):
             raise RuntimeError(

@@ -1,4 +1,10 @@
-"""Rank-0 callbacks of the training loop: periodic logging and verification on .bin pairs (docs/training.md)."""
+"""Rank-0 callbacks of the training loop: periodic logging and verification on .bin pairs (docs/training.md).
+
+The line layouts are the release's, character for character (%-formatting as there), for the scripts that parse
+training.log: "Speed ... samples/sec   Loss ...   LearningRate ...   Epoch: ...   Global Step: ...   " then
+"Fp16 Grad Scale: ...   Required: ... hours" (with a GradScaler) or "Required: ... hours"; "[name][step]XNorm: ...",
+"[name][step]Accuracy-Flip: ...+-...", "[name][step]Accuracy-Highest: ...".
+"""
 import os
 import time
 
@@ -23,12 +29,16 @@ class CallBackLogging:
             self.tic = now
             return
         speed = self.frequent * self.batch_size * self.world_size / max(now - self.tic, 1e-9)
-        done = global_step - self.start_step
-        elapsed_h = (now - self.init_time) / 3600
-        eta_h = elapsed_h / max(done, 1) * (self.total_step - global_step)
-        scale = f"Fp16 Grad Scale: {grad_scale:.0f}   " if grad_scale is not None else ""
-        self.logger.info(f"Speed {speed:.2f} samples/sec   Loss {loss_meter.avg:.4f}   LearningRate {lr:.6f}   "
-                         f"Epoch: {epoch}   Global Step: {global_step}   {scale}Required: {eta_h:.1f} hours")
+        # the release's ETA: whole seconds so far over the steps done (+1), times the steps left (-1)
+        per_step = int(now - self.init_time) / (global_step - self.start_step + 1)
+        eta_h = per_step * max(self.total_step - global_step - 1, 0) / 3600
+        msg = "Speed %.2f samples/sec   Loss %.4f   LearningRate %.6f   Epoch: %d   Global Step: %d   " % (
+            speed, loss_meter.avg, lr, epoch, global_step)
+        if grad_scale is not None:
+            msg += "Fp16 Grad Scale: %2.f   Required: %1.f hours" % (grad_scale, eta_h)
+        else:
+            msg += "Required: %1.f hours" % eta_h
+        self.logger.info(msg)
         if self.writer is not None:
             self.writer.add_scalar("loss", loss_meter.avg, global_step)
             self.writer.add_scalar("learning_rate", lr, global_step)
@@ -62,9 +72,9 @@ class CallBackVerification:
         for i, (name, data_set) in enumerate(zip(self.names, self.sets)):
             _, _, acc, std, xnorm, _ = verification.test(data_set, backbone, self.batch_size, nfolds=10)
             self.best[i] = max(self.best[i], acc)
-            self.logger.info(f"[{name}][{global_step}]XNorm: {xnorm:.6f}")
-            self.logger.info(f"[{name}][{global_step}]Accuracy-Flip: {acc:.5f}+-{std:.5f}")
-            self.logger.info(f"[{name}][{global_step}]Accuracy-Highest: {self.best[i]:.5f}")
+            self.logger.info("[%s][%d]XNorm: %f" % (name, global_step, xnorm))
+            self.logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f" % (name, global_step, acc, std))
+            self.logger.info("[%s][%d]Accuracy-Highest: %1.5f" % (name, global_step, self.best[i]))
             if self.writer is not None:
                 self.writer.add_scalar(f"{name}/accuracy", acc, global_step)
                 self.writer.add_scalar(f"{name}/xnorm", xnorm, global_step)

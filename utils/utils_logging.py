@@ -1,4 +1,9 @@
-"""Logger for training: rank 0 writes to stdout and `<output>/training.log`; other ranks only log warnings."""
+"""Logger for training: rank 0 writes to stdout and `<output>/training.log`; other ranks only log warnings.
+
+Line layouts are the release's (and arcface_torch's), so scripts that parse their training.log read ours:
+every rank-0 line starts with "Training: <asctime>-", the config dump is one ": <key padded to 25> <value>" line
+per field.
+"""
 import logging
 import os
 import sys
@@ -29,7 +34,9 @@ def init_logging(rank, output, name="transface"):
         logger.removeHandler(handler)
         handler.close()
     logger.propagate = False
-    formatter = logging.Formatter(f"%(asctime)s-rank{rank}-%(message)s")
+    # rank 0: the release's layout; other ranks (warnings only, stdout) also name their rank
+    formatter = logging.Formatter("Training: %(asctime)s-%(message)s" if rank == 0 else
+                                  f"Training: %(asctime)s-rank{rank}-%(message)s")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(formatter)
     logger.addHandler(stream)
@@ -42,3 +49,9 @@ def init_logging(rank, output, name="transface"):
     else:
         logger.setLevel(logging.WARNING)
     return logger
+
+
+def config_lines(cfg, derived):
+    """The release's config dump: its fields in config order, then the derived `derived` items (total_batch_size,
+    warmup_step, total_step), one ": " + key + spaces to column 25 + str(value) line each."""
+    return [": " + key + " " * (25 - len(key)) + str(value) for key, value in [*cfg.items(), *derived.items()]]
