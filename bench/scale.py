@@ -22,6 +22,7 @@ Then the per-GPU estimate for 8 GPUs at batch 128 and at the config's batch size
 bf16 autocast saves the same bytes, docs/memory.md).
 """
 import argparse
+import json
 import os
 import resource
 import socket
@@ -289,7 +290,8 @@ def rank_main(rank, world_size, port, cfg_path, steps, batch_size, result_dir):
         "fc_opt_bytes": measured_state_bytes(optimizer, [head.weight]),
         "anon_start": anon_start, "peak_rss": peak_rss(), "anon_end": anon_rss(), "step_s": times,
     }
-    torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # gloo teardown can abort after the work is done (tests/dist_utils.py)
@@ -323,10 +325,11 @@ def rehearse(cfg_path, world_size, steps, batch_size, max_rss):
         results = []
         for r, p in enumerate(procs):
             p.join()
-            path = os.path.join(result_dir, f"rank{r}.pt")
+            path = os.path.join(result_dir, f"rank{r}.json")
             if not os.path.exists(path):
                 raise RuntimeError(f"{cfg_path}: rank {r} left no result (exit code {p.exitcode})")
-            results.append({**torch.load(path, weights_only=True), "peak_anon": peak_rank[r]})
+            with open(path) as f:
+                results.append({**json.load(f), "peak_anon": peak_rank[r]})
     return results, peak_total
 
 

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_ijbc  # noqa: E402
 from eval import ijb  # noqa: E402
 from eval.zoo import ZOO, far_label  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.npio import ArrayFileError, load_array  # noqa: E402
 
 
 def eval_args(entry, checkpoint, image_path, batch_size, num_workers, amp):
@@ -28,14 +30,15 @@ def eval_args(entry, checkpoint, image_path, batch_size, num_workers, amp):
     return eval_ijbc.parse_args([
         "--model-prefix", checkpoint, "--image-path", image_path, "--network", entry.network,
         "--network-kwargs", json.dumps(entry.network_kwargs), "--batch-size", str(batch_size),
-        "--num-workers", str(num_workers), "--amp", amp])
+        "--num-workers", str(num_workers), *(["--amp", amp] if amp else [])])
 
 
-def features_stamp(args):
+def features_stamp(args, device):
     """What the cached features depend on: the checkpoint (path, size, mtime), the network and the protocol."""
     stat = os.stat(args.model_prefix)
     return dict(checkpoint=os.path.abspath(args.model_prefix), size=stat.st_size, mtime_ns=stat.st_mtime_ns,
-                network=args.network, network_kwargs=args.network_kwargs, amp=args.amp, image_size=args.image_size,
+                network=args.network, network_kwargs=args.network_kwargs, image_size=args.image_size,
+                amp=args.amp or eval_ijbc.default_amp(args.network, device),
                 image_path=os.path.abspath(args.image_path))
 
 
@@ -43,13 +46,14 @@ def cached_features(args, meta, cache_dir, device):
     """Image features [N, 2F] of one checkpoint: read from cache_dir/features.npy if it was written for the same
     stamp, otherwise extracted (eval_ijbc.extract_features) and saved there. -> (features, 'cached'/'extracted')."""
     path, stamp_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "features.json")
-    stamp = features_stamp(args)
+    stamp = features_stamp(args, device)
     if os.path.isfile(path) and os.path.isfile(stamp_path):
         with open(stamp_path) as f:
             if json.load(f) == stamp:
-                feats = np.load(path, allow_pickle=False)
-                if feats.ndim == 2 and feats.shape[0] == len(meta["names"]):
-                    return feats, "cached"
+                try:  # a cache of another shape or a damaged one is extracted again
+                    return load_array(path, kinds="f", shape=(len(meta["names"]), None)), "cached"
+                except ArrayFileError:
+                    pass
     feats = eval_ijbc.extract_features(args, meta, device)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -71,7 +75,7 @@ def measure(args, meta, feats):
     return tar * 100
 
 
-def reproduce(zoo_dir, image_path, out_dir, zoo=ZOO, device=None, batch_size=128, num_workers=4, amp="none"):
+def reproduce(zoo_dir, image_path, out_dir, zoo=ZOO, device=None, batch_size=128, num_workers=4, amp=None):
     """-> list of (entry, measured TAR % array or None when the file is absent from zoo_dir), in zoo order."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta, results = None, []
@@ -132,7 +136,8 @@ def main(argv=None, zoo=ZOO):
     parser.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--amp", default="none", choices=list(eval_ijbc.AMP_DTYPES))
+    parser.add_argument("--amp", default=None, choices=list(eval_ijbc.AMP_DTYPES),
+                        help="as eval_ijbc.py: default fp16 for a ViT on CUDA (the release's numerics), else none")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.zoo_dir):
         parser.error(f"--zoo-dir {args.zoo_dir} is not a folder")
@@ -149,4 +154,4 @@ def main(argv=None, zoo=ZOO):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

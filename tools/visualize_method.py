@@ -44,6 +44,7 @@ from utils.face_align import norm_crop  # noqa: E402
 from utils.model_loading import load_backbone  # noqa: E402
 from utils.recordio import IndexedRecordReader, decode_image, insightface_layout  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 
 IMAGE_SIZE = 112
 
@@ -263,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
