@@ -32,7 +32,7 @@ from utils.resume import resume_training, save_state
 from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
-from utils.utils_logging import AverageMeter, config_lines, init_logging
+from utils.utils_logging import AverageMeter, init_logging, log_config
 
 EXIT_NONFINITE = 3
 DEFAULT_CONFIG = "configs/glint360k_vit_s.py"  # the released train.py's default
@@ -172,11 +172,8 @@ def train(cfg, env, stop=None):
                             num_workers=cfg.num_workers, num_classes=cfg.num_classes)
     steps_per_epoch = count_steps(cfg, len(loader), env.world_size)
     total_step, warmup_step = steps_per_epoch * cfg.num_epoch, steps_per_epoch * cfg.warmup_epoch
-    if env.rank == 0:  # the release's config dump and the schedule it derives, for the scripts that parse it
-        derived = {"total_batch_size": cfg.batch_size * env.world_size * cfg.gradient_acc,
-                   "warmup_step": warmup_step, "total_step": total_step}
-        for line in config_lines(cfg, derived):
-            logger.info(line)
+    if env.rank == 0:  # the release's config dump and derived schedule, for the scripts that parse it
+        log_config(logger, cfg, env.world_size, warmup_step, total_step)
 
     # ---- backbone, Partial FC head, optimiser and schedule
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)

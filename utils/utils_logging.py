@@ -55,3 +55,12 @@ def config_lines(cfg, derived):
     """The release's config dump: its fields in config order, then the derived `derived` items (total_batch_size,
     warmup_step, total_step), one ": " + key + spaces to column 25 + str(value) line each."""
     return [": " + key + " " * (25 - len(key)) + str(value) for key, value in [*cfg.items(), *derived.items()]]
+
+
+def log_config(logger, cfg, world_size, warmup_step, total_step):
+    """Log the config dump with the schedule the release derives from it (total_batch_size counts gradient_acc,
+    equal to the release's batch_size * world_size at its gradient_acc of 1)."""
+    derived = {"total_batch_size": cfg.batch_size * world_size * cfg.gradient_acc, "warmup_step": warmup_step,
+               "total_step": total_step}
+    for line in config_lines(cfg, derived):
+        logger.info(line)
