@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C 1:1 verification and 1:N identification, one pure function per stage (REFERENCE §5).
+"""IJB-B / IJB-C 1:1 verification and 1:N identification, one pure function per stage (protocol: docs/evaluation.md).
 
 read_meta -> IJBImages (DataLoader) -> embed -> image_to_template_features -> pair_scores -> tar_at_far
                                                                             -> identification_1n
@@ -208,41 +208,52 @@ def embed(model, loader, device, amp_dtype=None):
 
 
 def image_to_template_features(img_feats, faceness, templates, medias, use_flip_test=True, flip_mode="add",
-                               use_norm_score=True, use_detector_score=True, chunk_rows=16384):
+                               use_norm_score=True, use_detector_score=True, chunk_rows=512):
     """Image features [N, 2F] -> (sorted unique template ids [T], L2-normalised template features [T, D] float64).
 
-    §5.5: flip add/concat, `use_norm_score=True` keeps the raw norm (False L2-normalises each image), detector
-    score weighting, mean over a media's images within a template, sum over the template's media.
-    The pooling is one sparse [T, N] matrix (weight 1/|media| per image) applied to row chunks, so no
-    full-size intermediate beyond one chunk exists."""
-    img_feats = np.asarray(img_feats)
+    As the release's eval_ijbc.py: flip add/concat, `use_norm_score=True` keeps the raw norm (False
+    L2-normalises each image), detector score weighting, mean over a media's images within a template, sum
+    over the template's media. The media mean and the template sum are one weighted sum per template (weight
+    1/|media| per image), taken over the images sorted by template in chunks of `chunk_rows` rows in reused
+    buffers that stay in cache; no full-size copy of the features is made (`img_feats` may be a memory map)."""
     n, width = img_feats.shape
     half = width // 2
     if flip_mode not in ("add", "concat"):
         raise ValueError(f"flip_mode must be 'add' or 'concat', got {flip_mode!r}")
-    unique_templates, template_index = np.unique(templates, return_inverse=True)
-    # A media is pooled within its template only: group images by the (template, media) pair.
-    _, group_index, group_counts = np.unique(np.stack([templates, medias], 1), axis=0,
-                                             return_inverse=True, return_counts=True)
-    group_index = group_index.reshape(-1)
-    pool = scipy.sparse.csc_matrix((1.0 / group_counts[group_index], (template_index, np.arange(n))),
-                                   shape=(len(unique_templates), n))
+    order = np.lexsort((medias, templates))  # images grouped by template, then by media
+    sorted_templates, sorted_medias = np.asarray(templates)[order], np.asarray(medias)[order]
+    new_template = np.r_[True, sorted_templates[1:] != sorted_templates[:-1]]
+    new_media = new_template | np.r_[True, sorted_medias[1:] != sorted_medias[:-1]]
+    media_sizes = np.diff(np.r_[np.flatnonzero(new_media), n])
+    weights = np.repeat(1.0 / media_sizes, media_sizes)
+    template_of_image = np.cumsum(new_template) - 1
+    unique_templates = sorted_templates[new_template]
     dim = width if (use_flip_test and flip_mode == "concat") else half
     template_feats = np.zeros((len(unique_templates), dim), dtype=np.float64)
+    raw = np.empty((chunk_rows, width), dtype=np.float32)
+    combined = np.empty((chunk_rows, dim), dtype=np.float32)
+    weighted = np.empty((chunk_rows, dim), dtype=np.float64)
+    faceness = np.asarray(faceness, dtype=np.float32)
     for start in range(0, n, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n))
-        raw = img_feats[rows]
+        rows = order[start:start + chunk_rows]
+        m = len(rows)
+        np.take(img_feats, rows, axis=0, out=raw[:m])
         if not use_flip_test:
-            f = raw[:, :half]
+            f = raw[:m, :half]
         elif flip_mode == "add":
-            f = raw[:, :half] + raw[:, half:]
+            f = np.add(raw[:m, :half], raw[:m, half:], out=combined[:m])
         else:
-            f = raw
+            f = raw[:m]
         if not use_norm_score:
             f = f / np.sqrt(np.sum(f ** 2, -1, keepdims=True))
         if use_detector_score:
-            f = f * np.asarray(faceness)[rows, None]
-        template_feats += pool[:, rows] @ f.astype(np.float64)
+            f = np.multiply(f, faceness[rows, None], out=combined[:m])
+        w = np.multiply(f, weights[start:start + m, None], out=weighted[:m])  # float64 from here
+        # one partial sum per template present in the chunk (a template may continue in the next chunk), as
+        # a [templates, m] 0/1 sparse product (np.add.reduceat over rows is several times slower)
+        firsts = np.flatnonzero(np.r_[True, new_template[start + 1:start + m]])
+        segments = scipy.sparse.csr_matrix((np.ones(m), np.arange(m), np.r_[firsts, m]), shape=(len(firsts), m))
+        template_feats[template_of_image[start + firsts]] += segments @ w
     norms = np.linalg.norm(template_feats, axis=1, keepdims=True)
     return unique_templates, template_feats / np.maximum(norms, np.finfo(np.float64).tiny)
 
@@ -356,7 +367,7 @@ def tar_at_far(labels, scores, far_targets=FAR_TARGETS):
 
 def identification_1n(unique_templates, template_feats, gallery_sets, probe_set, fpir_targets=FPIR_TARGETS,
                       ranks=RANKS):
-    """1:N search of the mixed probes against each gallery separately (§5.6).
+    """1:N search of the mixed probes against each gallery separately (docs/evaluation.md).
 
     gallery_sets: list of (template_ids, subject_ids); probe_set: (template_ids, subject_ids).
     Returns {"rank-k": fraction of probe templates whose subject is in the top k (hits summed over the galleries),
@@ -370,13 +381,15 @@ def identification_1n(unique_templates, template_feats, gallery_sets, probe_set,
         sim = probe_feats @ gallery_feats.T
         is_match = probe_subjects[:, None] == gallery_subjects[None, :]
         mated = is_match.any(1)
-        mated_score = np.where(is_match, sim, -np.inf).max(1)[mated]
-        best_other = np.where(is_match, -np.inf, sim).max(1)[mated]
+        mated_score = np.max(sim, axis=1, where=is_match, initial=-np.inf)
+        sim[is_match] = -np.inf  # from here on: scores against the other subjects' gallery templates
+        best_other = sim.max(1)
         # rank of the mated gallery template = number of non-mated gallery templates scoring higher
-        rank = (np.where(is_match, -np.inf, sim)[mated] > mated_score[:, None]).sum(1)
+        rank = np.count_nonzero(sim > mated_score[:, None], axis=1)[mated]
         for k in ranks:
             hits[k] += int((rank < k).sum())
-        nonmated_best = np.sort(sim[~mated].max(1))[::-1]
+        nonmated_best = np.sort(best_other[~mated])[::-1]
+        mated_score, best_other = mated_score[mated], best_other[mated]
         for x in fpir_targets:
             threshold = nonmated_best[max(int(len(nonmated_best) * x), 1) - 1] if len(nonmated_best) else -np.inf
             tp = (mated_score > best_other) & (mated_score > threshold)
