@@ -272,30 +272,32 @@ def main():
         tars[shape] = (tar, release_tar)
         del t1, t2, label, scores, release_scores
 
-    print(f"\nmedians over {args.repeats} run(s) of ours, {args.release_repeats} of the release's (wall seconds):")
-    shared = ["image -> template features", "1:N (read csv + G1/G2 search)"]
-    print(f"{'':<32s} {'IJB-C shape':>12s} {'random pairs':>13s}")
-    rows = [("image -> template features", shared[0], shared[0]),
-            ("pair scores", *(f"{s}: pair scores" for s in TARGET_SECONDS)),
-            ("ROC -> TAR@FAR", *(f"{s}: ROC -> TAR@FAR" for s in TARGET_SECONDS)),
-            ("1:N (read csv + search)", shared[1], shared[1])]
-    for title, *names in rows:
-        print(f"{title:<32s} " + " ".join(f"{time_stage.median(n):{w}.2f}" for n, w in zip(names, (12, 13))))
-    ours = {s: sum(time_stage.median(n) for n in [shared[0], f"{s}: pair scores", f"{s}: ROC -> TAR@FAR"])
-            for s in TARGET_SECONDS}
-    total = {s: ours[s] + time_stage.median(shared[1]) for s in TARGET_SECONDS}
-    release = {s: sum(time_stage.median(n) for n in ["release: image2template_feature", f"{s}: release verification",
-                                                     f"{s}: release roc_curve -> TAR@FAR"]) for s in TARGET_SECONDS}
-    print(f"{'total after extraction':<32s} " + " ".join(f"{total[s]:{w}.2f}" for s, w in zip(TARGET_SECONDS, (12, 13))))
-    print(f"{'  target':<32s} " + " ".join(f"{TARGET_SECONDS[s]:{w}.2f}" for s, w in zip(TARGET_SECONDS, (12, 13))))
-    print(f"{'ours, 1:1 stages (no 1:N)':<32s} " + " ".join(f"{ours[s]:{w}.2f}" for s, w in zip(TARGET_SECONDS, (12, 13))))
-    print(f"{'release, same 1:1 stages':<32s} " + " ".join(f"{release[s]:{w}.2f}" for s, w in zip(TARGET_SECONDS, (12, 13))))
-    print(f"{'  release / ours':<32s} " + " ".join(f"{release[s] / ours[s]:{w - 1}.1f}x"
-                                                     for s, w in zip(TARGET_SECONDS, (12, 13))))
+    shapes = list(TARGET_SECONDS)
+    pooling, search = "image -> template features", "1:N (read csv + G1/G2 search)"
+    ours_1to1 = {s: sum(time_stage.median(n) for n in (pooling, f"{s}: pair scores", f"{s}: ROC -> TAR@FAR"))
+                 for s in shapes}
+    total = {s: ours_1to1[s] + time_stage.median(search) for s in shapes}
+    release = {s: sum(time_stage.median(n) for n in ("release: image2template_feature", f"{s}: release verification",
+                                                     f"{s}: release roc_curve -> TAR@FAR")) for s in shapes}
+
+    def row(title, values, unit=""):
+        print(f"{title:<34s}" + "".join(f"{v:13.2f}{unit}" for v in values))
+
+    print(f"\nmedians over {args.repeats} run(s) of ours, {args.release_repeats} of the release's, wall seconds:")
+    print(f"{'':<34s}" + "".join(f"{s:>13s}" for s in shapes))
+    row("image -> template features", [time_stage.median(pooling)] * 2)
+    row("pair scores", [time_stage.median(f"{s}: pair scores") for s in shapes])
+    row("ROC -> TAR@FAR", [time_stage.median(f"{s}: ROC -> TAR@FAR") for s in shapes])
+    row("1:N (read csv + search)", [time_stage.median(search)] * 2)
+    row("total after extraction", [total[s] for s in shapes])
+    row("  target", [TARGET_SECONDS[s] for s in shapes])
+    row("ours, 1:1 stages only", [ours_1to1[s] for s in shapes])
+    row("release's 1:1 stages", [release[s] for s in shapes])
+    row("  release / ours", [release[s] / ours_1to1[s] for s in shapes], "x")
     ours_peak = max(v for k, v in time_stage.peak.items() if "release" not in k and "read meta" not in k)
-    print(f"peak RSS during our stages {ours_peak:.2f} GiB (read meta {time_stage.peak['read meta (3 files, not in totals)']:.2f}, "
-          f"release's stages {max(v for k, v in time_stage.peak.items() if 'release' in k):.2f})")
-    print(f"read meta {time_stage.median('read meta (3 files, not in totals)'):.2f} s (not in the totals)")
+    release_peak = max(v for k, v in time_stage.peak.items() if "release" in k)
+    print(f"peak RSS: our stages {ours_peak:.2f} GiB, the release's {release_peak:.2f} GiB; "
+          f"read meta {time_stage.median('read meta (3 files, not in totals)'):.2f} s (not in the totals)")
     for shape, (tar, release_tar) in tars.items():
         same = "identical" if np.array_equal(tar, release_tar) else "DIFFERENT"
         print(f"{shape}: TAR@FAR {same} to the release's: "

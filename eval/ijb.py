@@ -288,8 +288,8 @@ def pair_scores(unique_templates, template_feats, t1, t2, tile=512):
     templates and each tile that holds pairs is one float64 matrix product, from which the pairs' entries are
     picked. The templates that occur as a first template are put first, so IJB-C's enrollment x probe pairs
     fill one rectangle of tiles whatever the template ids are, and a pair is scored as (lower row, higher row)
-    since a dot product is symmetric, so randomly paired templates fill one triangle. Same scores as the
-    release's per-pair products up to float64 rounding (~1e-16)."""
+    since a dot product is symmetric, so randomly paired templates fill one triangle. The scores equal
+    per-pair dot products up to float64 rounding (~1e-16)."""
     feats = np.ascontiguousarray(template_feats, dtype=np.float64)
     r1 = template_rows(unique_templates, t1, "pair template")
     r2 = template_rows(unique_templates, t2, "pair template")
