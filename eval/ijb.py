@@ -6,11 +6,13 @@ read_meta -> IJBImages (DataLoader) -> embed -> image_to_template_features -> pa
 import csv
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import scipy.sparse
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from utils.face_align import norm_crop
@@ -280,7 +282,7 @@ def template_rows(unique_templates, ids, what="template"):
     return rows
 
 
-def pair_scores(unique_templates, template_feats, t1, t2, tile=512):
+def pair_scores(unique_templates, template_feats, t1, t2, tile=512, workers=None):
     """Cosine score of each template pair (dot product of the L2-normalised features), float64.
 
     Scoring pair by pair gathers two 4 KiB rows per pair from a feature table larger than the caches, which is
@@ -289,7 +291,7 @@ def pair_scores(unique_templates, template_feats, t1, t2, tile=512):
     picked. The templates that occur as a first template are put first, so IJB-C's enrollment x probe pairs
     fill one rectangle of tiles whatever the template ids are, and a pair is scored as (lower row, higher row)
     since a dot product is symmetric, so randomly paired templates fill one triangle. The scores equal
-    per-pair dot products up to float64 rounding (~1e-16)."""
+    per-pair dot products up to float64 rounding (~1e-16). `workers`: threads, by default one per CPU."""
     feats = np.ascontiguousarray(template_feats, dtype=np.float64)
     r1 = template_rows(unique_templates, t1, "pair template")
     r2 = template_rows(unique_templates, t2, "pair template")
@@ -311,15 +313,21 @@ def pair_scores(unique_templates, template_feats, t1, t2, tile=512):
     offset = offset[by_tile]
     counts = np.bincount(tile_of_pair, minlength=n_tiles * n_tiles)
     del tile_of_pair
+    ends = np.cumsum(counts)
     sorted_scores = np.empty(len(offset), dtype=np.float64)
-    product = np.empty((tile, tile), dtype=np.float64)
-    end = 0
-    for k in np.flatnonzero(counts):
-        start, end = end, end + counts[k]
+
+    def score_tile(k):
         i, j = divmod(int(k), n_tiles)
+        product = np.empty((tile, tile))
         rows, cols = feats[i * tile:(i + 1) * tile], feats[j * tile:(j + 1) * tile]
         np.matmul(rows, cols.T, out=product[:len(rows), :len(cols)])
-        np.take(product, offset[start:end], out=sorted_scores[start:end])
+        part = slice(ends[k] - counts[k], ends[k])
+        np.take(product, offset[part], out=sorted_scores[part])
+
+    # Tiles are independent: one single-threaded product per tile on each core. This keeps both cores busy
+    # without BLAS's per-product thread barriers, which stall whenever another process holds a core.
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(score_tile, np.flatnonzero(counts)))
     scores = np.empty_like(sorted_scores)
     scores[by_tile] = sorted_scores
     return scores
