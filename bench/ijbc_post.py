@@ -17,20 +17,21 @@ For each pair list it times the stages eval_ijbc.py runs after extraction (templ
 ROC -> TAR@FAR, 1:N search; pooling and 1:N do not depend on the pairs and are timed once) and the release's
 1:1 stages (per-template pooling loop, pair scores in chunks of 100,000 pairs, sklearn roc_curve and its
 nearest-point rule), checks that both give the same TAR at every FAR and scores within 1e-6, and prints the
-medians over the repeats. Reading the meta files is timed but not part of the totals. Peak memory is the
+medians over the repeats. Reading the meta files and writing the outputs (scores, ROC curve and plot) are
+timed but not part of the totals. Peak memory is the
 process' resident set sampled during our stages; it includes the 1.8 GiB of image features until they are
 pooled (then dropped, as eval_ijbc.py does) and ~0.6 GiB of imported libraries.
 """
 import argparse
 import os
+import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 import sklearn.preprocessing
 from sklearn.metrics import roc_curve
-
-import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import ijb  # noqa: E402
@@ -172,6 +173,13 @@ def release_tar_at_far(label, score):
 
 # ---------------------------------------------------------------- measuring
 
+def write_outputs(out_dir, scores, fpr, tpr):
+    """What eval_ijbc.py writes after the ROC: the scores, the curve and its plot."""
+    np.save(os.path.join(out_dir, "ijbc.npy"), scores)
+    np.savez(os.path.join(out_dir, "ijbc_roc.npz"), fpr=fpr, tpr=tpr, label="bench-IJBC")
+    ijb.plot_roc([("bench-IJBC", fpr, tpr)], os.path.join(out_dir, "ijbc_roc.png"))
+
+
 def current_rss_gb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 ** 3
@@ -262,7 +270,10 @@ def main():
         print(f"{shape}: {len(t1)} pairs, {int(label.sum())} genuine")
         for _ in range(args.repeats):
             scores = time_stage(f"{shape}: pair scores", lambda: ijb.pair_scores(unique, tfeats, t1, t2))
-            tar, _, _ = time_stage(f"{shape}: ROC -> TAR@FAR", lambda: ijb.tar_at_far(label, scores))
+            tar, fpr, tpr = time_stage(f"{shape}: ROC -> TAR@FAR", lambda: ijb.tar_at_far(label, scores))
+        if shape == "IJB-C shape":
+            with tempfile.TemporaryDirectory() as out:
+                time_stage("write outputs (not in totals)", lambda: write_outputs(out, scores, fpr, tpr))
         for _ in range(args.release_repeats):
             release_scores = time_stage(f"{shape}: release verification", lambda: release_verification(
                 release_tfeats, unique, t1, t2))
@@ -294,10 +305,11 @@ def main():
     row("ours, 1:1 stages only", [ours_1to1[s] for s in shapes])
     row("release's 1:1 stages", [release[s] for s in shapes])
     row("  release / ours", [release[s] / ours_1to1[s] for s in shapes], "x")
-    ours_peak = max(v for k, v in time_stage.peak.items() if "release" not in k and "read meta" not in k)
+    ours_peak = max(v for k, v in time_stage.peak.items() if "release" not in k and "not in totals" not in k)
     release_peak = max(v for k, v in time_stage.peak.items() if "release" in k)
-    print(f"peak RSS: our stages {ours_peak:.2f} GiB, the release's {release_peak:.2f} GiB; "
-          f"read meta {time_stage.median('read meta (3 files, not in totals)'):.2f} s (not in the totals)")
+    print(f"peak RSS: our stages {ours_peak:.2f} GiB, the release's {release_peak:.2f} GiB")
+    print(f"not in the totals: read meta {time_stage.median('read meta (3 files, not in totals)'):.2f} s, "
+          f"write outputs (scores .npy, ROC .npz and plot) {time_stage.median('write outputs (not in totals)'):.2f} s")
     for shape, (tar, release_tar) in tars.items():
         same = "identical" if np.array_equal(tar, release_tar) else "DIFFERENT"
         print(f"{shape}: TAR@FAR {same} to the release's: "
