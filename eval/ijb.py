@@ -210,14 +210,16 @@ def embed(model, loader, device, amp_dtype=None):
 
 
 def image_to_template_features(img_feats, faceness, templates, medias, use_flip_test=True, flip_mode="add",
-                               use_norm_score=True, use_detector_score=True, chunk_rows=512):
+                               use_norm_score=True, use_detector_score=True, chunk_rows=512,
+                               workers=None):
     """Image features [N, 2F] -> (sorted unique template ids [T], L2-normalised template features [T, D] float64).
 
     As the release's eval_ijbc.py: flip add/concat, `use_norm_score=True` keeps the raw norm (False
     L2-normalises each image), detector score weighting, mean over a media's images within a template, sum
     over the template's media. The media mean and the template sum are one weighted sum per template (weight
     1/|media| per image), taken over the images sorted by template in chunks of `chunk_rows` rows in reused
-    buffers that stay in cache; no full-size copy of the features is made (`img_feats` may be a memory map)."""
+    buffers that stay in cache; no full-size copy of the features is made (`img_feats` may be a memory map).
+    `workers` threads (default: one per CPU) each pool a range of whole templates."""
     n, width = img_feats.shape
     half = width // 2
     if flip_mode not in ("add", "concat"):
@@ -232,30 +234,39 @@ def image_to_template_features(img_feats, faceness, templates, medias, use_flip_
     unique_templates = sorted_templates[new_template]
     dim = width if (use_flip_test and flip_mode == "concat") else half
     template_feats = np.zeros((len(unique_templates), dim), dtype=np.float64)
-    raw = np.empty((chunk_rows, width), dtype=np.float32)
-    combined = np.empty((chunk_rows, dim), dtype=np.float32)
-    weighted = np.empty((chunk_rows, dim), dtype=np.float64)
     faceness = np.asarray(faceness, dtype=np.float32)
-    for start in range(0, n, chunk_rows):
-        rows = order[start:start + chunk_rows]
-        m = len(rows)
-        np.take(img_feats, rows, axis=0, out=raw[:m])
-        if not use_flip_test:
-            f = raw[:m, :half]
-        elif flip_mode == "add":
-            f = np.add(raw[:m, :half], raw[:m, half:], out=combined[:m])
-        else:
-            f = raw[:m]
-        if not use_norm_score:
-            f = f / np.sqrt(np.sum(f ** 2, -1, keepdims=True))
-        if use_detector_score:
-            f = np.multiply(f, faceness[rows, None], out=combined[:m])
-        w = np.multiply(f, weights[start:start + m, None], out=weighted[:m])  # float64 from here
-        # one partial sum per template present in the chunk (a template may continue in the next chunk), as
-        # a [templates, m] 0/1 sparse product (np.add.reduceat over rows is several times slower)
-        firsts = np.flatnonzero(np.r_[True, new_template[start + 1:start + m]])
-        segments = scipy.sparse.csr_matrix((np.ones(m), np.arange(m), np.r_[firsts, m]), shape=(len(firsts), m))
-        template_feats[template_of_image[start + firsts]] += segments @ w
+
+    def pool_images(first, last):  # sorted images first..last-1, whole templates only
+        raw = np.empty((chunk_rows, width), dtype=np.float32)
+        combined = np.empty((chunk_rows, dim), dtype=np.float32)
+        weighted = np.empty((chunk_rows, dim), dtype=np.float64)
+        for start in range(first, last, chunk_rows):
+            rows = order[start:min(start + chunk_rows, last)]
+            m = len(rows)
+            np.take(img_feats, rows, axis=0, out=raw[:m])
+            if not use_flip_test:
+                f = raw[:m, :half]
+            elif flip_mode == "add":
+                f = np.add(raw[:m, :half], raw[:m, half:], out=combined[:m])
+            else:
+                f = raw[:m]
+            if not use_norm_score:
+                f = f / np.sqrt(np.sum(f ** 2, -1, keepdims=True))
+            if use_detector_score:
+                f = np.multiply(f, faceness[rows, None], out=combined[:m])
+            w = np.multiply(f, weights[start:start + m, None], out=weighted[:m])  # float64 from here
+            # one partial sum per template in the chunk (a template may continue in the next chunk), as a
+            # [templates, m] 0/1 sparse product (np.add.reduceat over rows is several times slower)
+            firsts = np.flatnonzero(np.r_[True, new_template[start + 1:start + m]])
+            segments = scipy.sparse.csr_matrix((np.ones(m), np.arange(m), np.r_[firsts, m]), shape=(len(firsts), m))
+            template_feats[template_of_image[start + firsts]] += segments @ w
+
+    # one range of whole templates per core: the ranges write disjoint rows of template_feats
+    workers = workers or os.cpu_count() or 1
+    template_starts = np.r_[np.flatnonzero(new_template), n]
+    cuts = template_starts[np.searchsorted(template_starts, np.arange(workers + 1) * n // workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(pool_images, cuts[:-1], cuts[1:]))
     norms = np.linalg.norm(template_feats, axis=1, keepdims=True)
     return unique_templates, template_feats / np.maximum(norms, np.finfo(np.float64).tiny)
 
@@ -333,30 +344,52 @@ def pair_scores(unique_templates, template_feats, t1, t2, tile=512, workers=None
     return scores
 
 
+def sort_on_two_cores(values):
+    """np.sort(values) on two threads: split at a sampled median, each half sorted in place by one thread
+    (np.sort releases the GIL). NaN compares false, so it goes to the upper half, as np.sort puts it last."""
+    if (os.cpu_count() or 1) < 2 or len(values) < 2 ** 20:
+        return np.sort(values)
+    low = values < np.median(values[::len(values) // 4096])
+    split = np.count_nonzero(low)
+    out = np.empty_like(values)
+    out[:split], out[split:] = values[low], values[~low]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(np.ndarray.sort, (out[:split], out[split:])))
+    return out
+
+
 def roc(labels, scores):
     """(fpr, tpr) exactly as sklearn.metrics.roc_curve(labels, scores) returns them (1 = genuine).
 
     Same points: one per distinct score from the highest down (counts of pairs scoring >= it), collinear
-    intermediate points dropped (drop_intermediate=True), (0, 0) prepended. Sorting the scores alone and
-    counting pairs per distinct score replaces roc_curve's stable argsort that carries the labels along,
-    which is several times slower at 15.7 M scores."""
+    intermediate points dropped (drop_intermediate=True), (0, 0) prepended. Instead of roc_curve's stable
+    argsort carrying the labels along (several times slower at 15.7 M scores) the scores alone are sorted
+    and cut into runs of equal scores; only the few runs holding genuine pairs need their labels."""
     scores = np.asarray(scores, dtype=np.float64)
-    values = np.sort(scores)
+    values = sort_on_two_cores(scores)
     if not (np.isfinite(values[0]) and np.isfinite(values[-1])):  # sorted: -inf first, inf and NaN last
         raise ValueError("pair scores must be finite (a template feature of norm 0 or NaN?)")
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # first index of each distinct score
-    # the distinct score (run of equal values) of each genuine pair
-    genuine_run = np.searchsorted(starts, np.searchsorted(values, scores[np.asarray(labels) == 1]))
+    n = len(values)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # runs of equal scores, ascending
+    genuine_run = np.sort(np.searchsorted(starts, np.searchsorted(values, scores[np.asarray(labels) == 1])))
     del values
-    # pairs per distinct score, from the highest score down
-    genuine = np.bincount(genuine_run, minlength=len(starts))[::-1]
-    impostor = np.diff(np.r_[starts, len(scores)])[::-1] - genuine
-    keep = slice(None)
-    if len(starts) > 2:
-        # roc_curve keeps a point where the second difference of the false or true positive counts is non-zero,
-        # i.e. where the next distinct score adds a different number of impostor or genuine pairs
-        keep = np.r_[True, (impostor[2:] != impostor[1:-1]) | (genuine[2:] != genuine[1:-1]), True]
-    fps, tps = np.r_[0, np.cumsum(impostor)[keep]], np.r_[0, np.cumsum(genuine)[keep]]
+    genuine_in_run = np.bincount(genuine_run, minlength=len(starts))  # zero but in a few runs: stays sparse
+    runs = np.unique(genuine_run)
+    impostor_in_run = np.diff(np.r_[starts, n])
+    impostor_in_run[runs] -= genuine_in_run[runs]
+    # roc_curve keeps a point where the next lower distinct score adds a different number of impostor or
+    # genuine pairs (a non-zero second difference of the counts); in ascending order: run j-1 vs run j.
+    # Genuine counts can only differ next to the runs holding genuine pairs.
+    differs = impostor_in_run[1:] != impostor_in_run[:-1]
+    near = np.union1d(runs, runs + 1)
+    near = near[(near >= 1) & (near < len(starts))]
+    differs[near - 1] |= genuine_in_run[near - 1] != genuine_in_run[near]
+    keep = np.ones(len(starts), dtype=bool)
+    keep[1:-1] = differs[:-1]
+    kept = np.flatnonzero(keep)[::-1]  # from the highest score down, like roc_curve
+    tps = len(genuine_run) - np.searchsorted(genuine_run, kept)  # genuine pairs in runs >= the kept run
+    fps = (n - starts[kept]) - tps
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
     if fps[-1] == 0 or tps[-1] == 0:
         raise ValueError("the ROC needs both genuine (label 1) and impostor (label 0) pairs")
     return fps / fps[-1], tps / tps[-1]

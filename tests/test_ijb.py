@@ -100,7 +100,7 @@ def test_template_features_match_loop(flip, mode, norm_score, detector):
     rng = np.random.default_rng(1)
     feats, faceness, templates, medias = random_layout(rng)
     got_ids, got = ijb.image_to_template_features(feats, faceness, templates, medias, flip, mode, norm_score,
-                                                  detector, chunk_rows=37)
+                                                  detector, chunk_rows=37, workers=3)
     want_ids, want = ref_template_features(feats, faceness, templates, medias, flip, mode, norm_score, detector)
     np.testing.assert_array_equal(got_ids, want_ids)
     assert got.shape == want.shape == (len(want_ids), feats.shape[1] if (flip and mode == "concat") else 16)
@@ -181,6 +181,8 @@ def roc_cases():
     yield "one genuine, one value", np.r_[1, np.zeros(99, np.int64)], np.zeros(100)
     yield "signed zeros", np.array([1, 0, 1, 0, 0, 1]), np.array([0.0, -0.0, 2.0, -1.0, 1, -0.0])
     yield "two pairs", np.array([0, 1]), np.array([0.3, 0.2])
+    many = (rng.uniform(size=2 ** 20 + 1) < 0.01).astype(np.int64)  # large enough to sort on two threads
+    yield "a million scores, ties", many, np.round(rng.normal(many * 0.8, 0.3), 4)
 
 
 @pytest.mark.parametrize("name,labels,scores", list(roc_cases()), ids=[c[0] for c in roc_cases()])
@@ -192,6 +194,16 @@ def test_roc_equals_sklearn_roc_curve(name, labels, scores):
     far_targets = (1e-3, 0.01, 0.02, 0.1, 0.25, 0.5)
     np.testing.assert_array_equal(ijb.tar_at_far(labels, scores, far_targets)[0],
                                   ref_tar(labels, scores, far_targets))
+
+
+def test_sort_on_two_cores_equals_np_sort():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=2 ** 20 + 3)
+    values[::7] = np.round(values[::7], 1)  # ties
+    values[[1, 2, 3]] = [0.0, -0.0, np.inf]
+    np.testing.assert_array_equal(ijb.sort_on_two_cores(values), np.sort(values))
+    values[5] = np.nan
+    np.testing.assert_array_equal(ijb.sort_on_two_cores(values), np.sort(values))
 
 
 def test_roc_needs_both_classes_and_finite_scores():
