@@ -220,6 +220,7 @@ def image_to_template_features(img_feats, faceness, templates, medias, use_flip_
     1/|media| per image), taken over the images sorted by template in chunks of `chunk_rows` rows in reused
     buffers that stay in cache; no full-size copy of the features is made (`img_feats` may be a memory map).
     `workers` threads (default: one per CPU) each pool a range of whole templates."""
+    img_feats = np.asarray(img_feats)
     n, width = img_feats.shape
     half = width // 2
     if flip_mode not in ("add", "concat"):
