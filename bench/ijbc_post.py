@@ -315,7 +315,7 @@ def main():
         print(f"{shape}: TAR@FAR {same} to the release's: "
               f"{dict(zip(ijb.FAR_TARGETS, np.round(tar * 100, 4).tolist()))}")
     for name, value in checks.items():
-        print(f"max |ours - release| {name}: {value:.2e}")
+        print(f"max |ours - release| {name}: {value:.2e} ({'within' if value <= 1e-6 else 'NOT within'} 1e-6)")
 
 
 if __name__ == "__main__":
