@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C 1:1 verification and 1:N identification, one pure function per stage (REFERENCE §5).
+"""IJB-B / IJB-C 1:1 verification and 1:N identification, one pure function per stage (protocol: docs/evaluation.md).
 
 read_meta -> IJBImages (DataLoader) -> embed -> image_to_template_features -> pair_scores -> tar_at_far
                                                                             -> identification_1n
@@ -6,12 +6,13 @@ read_meta -> IJBImages (DataLoader) -> embed -> image_to_template_features -> pa
 import csv
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import scipy.sparse
 import torch
-from sklearn.metrics import roc_curve
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from utils.cli import UserError
@@ -214,81 +215,198 @@ def embed(model, loader, device, amp_dtype=None):
 
 
 def image_to_template_features(img_feats, faceness, templates, medias, use_flip_test=True, flip_mode="add",
-                               use_norm_score=True, use_detector_score=True, chunk_rows=16384):
+                               use_norm_score=True, use_detector_score=True, chunk_rows=512,
+                               workers=None):
     """Image features [N, 2F] -> (sorted unique template ids [T], L2-normalised template features [T, D] float64).
 
-    §5.5: flip add/concat, `use_norm_score=True` keeps the raw norm (False L2-normalises each image), detector
-    score weighting, mean over a media's images within a template, sum over the template's media.
-    The pooling is one sparse [T, N] matrix (weight 1/|media| per image) applied to row chunks, so no
-    full-size intermediate beyond one chunk exists."""
+    As the release's eval_ijbc.py: flip add/concat, `use_norm_score=True` keeps the raw norm (False
+    L2-normalises each image), detector score weighting, mean over a media's images within a template, sum
+    over the template's media. The media mean and the template sum are one weighted sum per template (weight
+    1/|media| per image), taken over the images sorted by template in chunks of `chunk_rows` rows in reused
+    buffers that stay in cache; no full-size copy of the features is made (`img_feats` may be a memory map).
+    `workers` threads (default: one per CPU) each pool a range of whole templates."""
     img_feats = np.asarray(img_feats)
     n, width = img_feats.shape
     half = width // 2
     if flip_mode not in ("add", "concat"):
         raise ValueError(f"flip_mode must be 'add' or 'concat', got {flip_mode!r}")
-    unique_templates, template_index = np.unique(templates, return_inverse=True)
-    # A media is pooled within its template only: group images by the (template, media) pair.
-    _, group_index, group_counts = np.unique(np.stack([templates, medias], 1), axis=0,
-                                             return_inverse=True, return_counts=True)
-    group_index = group_index.reshape(-1)
-    pool = scipy.sparse.csc_matrix((1.0 / group_counts[group_index], (template_index, np.arange(n))),
-                                   shape=(len(unique_templates), n))
+    order = np.lexsort((medias, templates))  # images grouped by template, then by media
+    sorted_templates, sorted_medias = np.asarray(templates)[order], np.asarray(medias)[order]
+    new_template = np.r_[True, sorted_templates[1:] != sorted_templates[:-1]]
+    new_media = new_template | np.r_[True, sorted_medias[1:] != sorted_medias[:-1]]
+    media_sizes = np.diff(np.r_[np.flatnonzero(new_media), n])
+    weights = np.repeat(1.0 / media_sizes, media_sizes)
+    template_of_image = np.cumsum(new_template) - 1
+    unique_templates = sorted_templates[new_template]
     dim = width if (use_flip_test and flip_mode == "concat") else half
     template_feats = np.zeros((len(unique_templates), dim), dtype=np.float64)
-    for start in range(0, n, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n))
-        raw = img_feats[rows]
-        if not use_flip_test:
-            f = raw[:, :half]
-        elif flip_mode == "add":
-            f = raw[:, :half] + raw[:, half:]
-        else:
-            f = raw
-        if not use_norm_score:
-            f = f / np.sqrt(np.sum(f ** 2, -1, keepdims=True))
-        if use_detector_score:
-            f = f * np.asarray(faceness)[rows, None]
-        template_feats += pool[:, rows] @ f.astype(np.float64)
+    faceness = np.asarray(faceness, dtype=np.float32)
+
+    def pool_images(first, last):  # sorted images first..last-1, whole templates only
+        raw = np.empty((chunk_rows, width), dtype=np.float32)
+        combined = np.empty((chunk_rows, dim), dtype=np.float32)
+        weighted = np.empty((chunk_rows, dim), dtype=np.float64)
+        for start in range(first, last, chunk_rows):
+            rows = order[start:min(start + chunk_rows, last)]
+            m = len(rows)
+            np.take(img_feats, rows, axis=0, out=raw[:m])
+            if not use_flip_test:
+                f = raw[:m, :half]
+            elif flip_mode == "add":
+                f = np.add(raw[:m, :half], raw[:m, half:], out=combined[:m])
+            else:
+                f = raw[:m]
+            if not use_norm_score:
+                f = f / np.sqrt(np.sum(f ** 2, -1, keepdims=True))
+            if use_detector_score:
+                f = np.multiply(f, faceness[rows, None], out=combined[:m])
+            w = np.multiply(f, weights[start:start + m, None], out=weighted[:m])  # float64 from here
+            # one partial sum per template in the chunk (a template may continue in the next chunk), as a
+            # [templates, m] 0/1 sparse product (np.add.reduceat over rows is several times slower)
+            firsts = np.flatnonzero(np.r_[True, new_template[start + 1:start + m]])
+            segments = scipy.sparse.csr_matrix((np.ones(m), np.arange(m), np.r_[firsts, m]), shape=(len(firsts), m))
+            template_feats[template_of_image[start + firsts]] += segments @ w
+
+    # one range of whole templates per core: the ranges write disjoint rows of template_feats
+    workers = workers or os.cpu_count() or 1
+    template_starts = np.r_[np.flatnonzero(new_template), n]
+    cuts = template_starts[np.searchsorted(template_starts, np.arange(workers + 1) * n // workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(pool_images, cuts[:-1], cuts[1:]))
     norms = np.linalg.norm(template_feats, axis=1, keepdims=True)
     return unique_templates, template_feats / np.maximum(norms, np.finfo(np.float64).tiny)
 
 
 def template_rows(unique_templates, ids, what="template"):
-    """Row of each id in the sorted `unique_templates`; an unknown id is an error."""
-    rows = np.searchsorted(unique_templates, ids).clip(0, len(unique_templates) - 1)
-    bad = unique_templates[rows] != ids
+    """Row of each id in the sorted `unique_templates`; an unknown id is an error.
+
+    Non-negative ids of moderate size (IJB's are < 200,000) go through a lookup table: one gather per id
+    instead of a binary search, which matters for the 15.7 M pair ids of IJB-C. Other ids: np.searchsorted."""
+    ids = np.asarray(ids)
+    if len(ids) and ids.min() >= 0 and ids.max() < 64 * len(unique_templates) + 2 ** 20:
+        top = int(ids.max())
+        lo, hi = np.searchsorted(unique_templates, [0, top + 1])  # the templates an id can name
+        table = np.full(top + 1, -1, dtype=np.int64)
+        table[unique_templates[lo:hi]] = np.arange(lo, hi)
+        rows = table[ids]
+        bad = rows < 0
+    else:
+        rows = np.searchsorted(unique_templates, ids).clip(0, max(len(unique_templates) - 1, 0))
+        bad = unique_templates[rows] != ids if len(unique_templates) else np.ones(len(ids), bool)
     if bad.any():
-        raise MetaFileError(f"{what} id {int(np.asarray(ids)[bad][0])} has no images in face_tid_mid "
+        raise MetaFileError(f"{what} id {int(ids[bad][0])} has no images in face_tid_mid "
                             f"({int(bad.sum())} unknown ids)")
     return rows
 
 
-def pair_scores(unique_templates, template_feats, t1, t2, chunk=1024):
-    """Cosine score of each template pair (dot product of normalised features), in chunks of pairs.
+def pair_scores(unique_templates, template_feats, t1, t2, tile=512, workers=None):
+    """Cosine score of each template pair (dot product of the L2-normalised features), float64.
 
-    float64 like the reference. Small chunks gathered into reused buffers keep the rows in cache and avoid
-    fresh allocations per chunk (~3x faster than the reference's 100,000-pair chunks; same scores)."""
+    Scoring pair by pair gathers two 4 KiB rows per pair from a feature table larger than the caches, which is
+    memory-bound (15.7 M pairs at IJB-C size). Instead the pairs are grouped by tile of `tile` x `tile`
+    templates and each tile that holds pairs is one float64 matrix product, from which the pairs' entries are
+    picked. The templates that occur as a first template are put first, so IJB-C's enrollment x probe pairs
+    fill one rectangle of tiles whatever the template ids are, and a pair is scored as (lower row, higher row)
+    since a dot product is symmetric, so randomly paired templates fill one triangle. The scores equal
+    per-pair dot products up to float64 rounding (~1e-16). `workers`: threads, by default one per CPU."""
     feats = np.ascontiguousarray(template_feats, dtype=np.float64)
     r1 = template_rows(unique_templates, t1, "pair template")
     r2 = template_rows(unique_templates, t2, "pair template")
-    scores = np.empty(len(r1), dtype=np.float64)
-    rows1 = np.empty((chunk, feats.shape[1]), dtype=np.float64)
-    rows2 = np.empty_like(rows1)
-    for start in range(0, len(r1), chunk):
-        part = slice(start, start + chunk)
-        n = len(r1[part])
-        np.take(feats, r1[part], axis=0, out=rows1[:n])
-        np.take(feats, r2[part], axis=0, out=rows2[:n])
-        scores[part] = np.einsum("ij,ij->i", rows1[:n], rows2[:n])
+    is_first = np.zeros(len(feats), dtype=bool)
+    is_first[r1] = True
+    order = np.argsort(~is_first, kind="stable")
+    position = np.empty(len(order), dtype=np.int32)
+    position[order] = np.arange(len(order))
+    feats = feats[order]
+    a, b = position[r1], position[r2]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    del r1, r2, a, b
+    n_tiles = -(-len(feats) // tile)
+    tile_of_pair = (lo // tile).astype(np.int64) * n_tiles + hi // tile
+    offset = (lo % tile) * tile + hi % tile  # entry of the pair in its tile's [tile, tile] product
+    del lo, hi
+    # a stable argsort of 8/16-bit keys is a radix sort: one linear pass, unlike a comparison sort
+    by_tile = np.argsort(tile_of_pair.astype(np.min_scalar_type(n_tiles * n_tiles - 1)), kind="stable")
+    offset = offset[by_tile]
+    counts = np.bincount(tile_of_pair, minlength=n_tiles * n_tiles)
+    del tile_of_pair
+    ends = np.cumsum(counts)
+    sorted_scores = np.empty(len(offset), dtype=np.float64)
+
+    def score_tile(k):
+        i, j = divmod(int(k), n_tiles)
+        product = np.empty((tile, tile))
+        rows, cols = feats[i * tile:(i + 1) * tile], feats[j * tile:(j + 1) * tile]
+        np.matmul(rows, cols.T, out=product[:len(rows), :len(cols)])
+        part = slice(ends[k] - counts[k], ends[k])
+        np.take(product, offset[part], out=sorted_scores[part])
+
+    # Tiles are independent: one single-threaded product per tile on each core. This keeps both cores busy
+    # without BLAS's per-product thread barriers, which stall whenever another process holds a core.
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        list(pool.map(score_tile, np.flatnonzero(counts)))
+    scores = np.empty_like(sorted_scores)
+    scores[by_tile] = sorted_scores
     return scores
+
+
+def sort_on_two_cores(values):
+    """np.sort(values) on two threads: split at a sampled median, each half sorted in place by one thread
+    (np.sort releases the GIL). NaN compares false, so it goes to the upper half, as np.sort puts it last."""
+    if (os.cpu_count() or 1) < 2 or len(values) < 2 ** 20:
+        return np.sort(values)
+    low = values < np.median(values[::len(values) // 4096])
+    split = np.count_nonzero(low)
+    out = np.empty_like(values)
+    out[:split], out[split:] = values[low], values[~low]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(np.ndarray.sort, (out[:split], out[split:])))
+    return out
+
+
+def roc(labels, scores):
+    """(fpr, tpr) exactly as sklearn.metrics.roc_curve(labels, scores) returns them (1 = genuine).
+
+    Same points: one per distinct score from the highest down (counts of pairs scoring >= it), collinear
+    intermediate points dropped (drop_intermediate=True), (0, 0) prepended. Instead of roc_curve's stable
+    argsort carrying the labels along (several times slower at 15.7 M scores) the scores alone are sorted
+    and cut into runs of equal scores; only the few runs holding genuine pairs need their labels."""
+    scores = np.asarray(scores, dtype=np.float64)
+    values = sort_on_two_cores(scores)
+    if not (np.isfinite(values[0]) and np.isfinite(values[-1])):  # sorted: -inf first, inf and NaN last
+        raise ValueError("pair scores must be finite (a template feature of norm 0 or NaN?)")
+    n = len(values)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # runs of equal scores, ascending
+    genuine_run = np.sort(np.searchsorted(starts, np.searchsorted(values, scores[np.asarray(labels) == 1])))
+    del values
+    genuine_in_run = np.bincount(genuine_run, minlength=len(starts))  # zero but in a few runs: stays sparse
+    runs = np.unique(genuine_run)
+    impostor_in_run = np.diff(np.r_[starts, n])
+    impostor_in_run[runs] -= genuine_in_run[runs]
+    # roc_curve keeps a point where the next lower distinct score adds a different number of impostor or
+    # genuine pairs (a non-zero second difference of the counts); in ascending order: run j-1 vs run j.
+    # Genuine counts can only differ next to the runs holding genuine pairs.
+    differs = impostor_in_run[1:] != impostor_in_run[:-1]
+    near = np.union1d(runs, runs + 1)
+    near = near[(near >= 1) & (near < len(starts))]
+    differs[near - 1] |= genuine_in_run[near - 1] != genuine_in_run[near]
+    keep = np.ones(len(starts), dtype=bool)
+    keep[1:-1] = differs[:-1]
+    kept = np.flatnonzero(keep)[::-1]  # from the highest score down, like roc_curve
+    tps = len(genuine_run) - np.searchsorted(genuine_run, kept)  # genuine pairs in runs >= the kept run
+    fps = (n - starts[kept]) - tps
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
+    if fps[-1] == 0 or tps[-1] == 0:
+        raise ValueError("the ROC needs both genuine (label 1) and impostor (label 0) pairs")
+    return fps / fps[-1], tps / tps[-1]
 
 
 def tar_at_far(labels, scores, far_targets=FAR_TARGETS):
     """ROC and TAR at each target FAR: the point with the smallest |FPR - target|, ties -> larger TPR.
 
-    Returns (tar [len(far_targets)] in [0, 1], fpr, tpr) with fpr/tpr as from sklearn's roc_curve."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    # The reference reverses the arrays and takes min over (|fpr - x|, index): the first index in the
+    Returns (tar [len(far_targets)] in [0, 1], fpr, tpr) with fpr/tpr equal to sklearn's roc_curve."""
+    fpr, tpr = roc(labels, scores)
+    # The release reverses the arrays and takes min over (|fpr - x|, index): the first index in the
     # reversed order, i.e. the last original index = the larger TPR among equally close points.
     fpr_rev, tpr_rev = fpr[::-1], tpr[::-1]
     tar = np.array([tpr_rev[np.argmin(np.abs(fpr_rev - x))] for x in far_targets])
@@ -297,7 +415,7 @@ def tar_at_far(labels, scores, far_targets=FAR_TARGETS):
 
 def identification_1n(unique_templates, template_feats, gallery_sets, probe_set, fpir_targets=FPIR_TARGETS,
                       ranks=RANKS):
-    """1:N search of the mixed probes against each gallery separately (§5.6).
+    """1:N search of the mixed probes against each gallery separately (docs/evaluation.md).
 
     gallery_sets: list of (template_ids, subject_ids); probe_set: (template_ids, subject_ids).
     Returns {"rank-k": fraction of probe templates whose subject is in the top k (hits summed over the galleries),
@@ -311,13 +429,15 @@ def identification_1n(unique_templates, template_feats, gallery_sets, probe_set,
         sim = probe_feats @ gallery_feats.T
         is_match = probe_subjects[:, None] == gallery_subjects[None, :]
         mated = is_match.any(1)
-        mated_score = np.where(is_match, sim, -np.inf).max(1)[mated]
-        best_other = np.where(is_match, -np.inf, sim).max(1)[mated]
+        mated_score = np.max(sim, axis=1, where=is_match, initial=-np.inf)
+        sim[is_match] = -np.inf  # from here on: scores against the other subjects' gallery templates
+        best_other = sim.max(1)
         # rank of the mated gallery template = number of non-mated gallery templates scoring higher
-        rank = (np.where(is_match, -np.inf, sim)[mated] > mated_score[:, None]).sum(1)
+        rank = np.count_nonzero(sim > mated_score[:, None], axis=1)[mated]
         for k in ranks:
             hits[k] += int((rank < k).sum())
-        nonmated_best = np.sort(sim[~mated].max(1))[::-1]
+        nonmated_best = np.sort(best_other[~mated])[::-1]
+        mated_score, best_other = mated_score[mated], best_other[mated]
         for x in fpir_targets:
             threshold = nonmated_best[max(int(len(nonmated_best) * x), 1) - 1] if len(nonmated_best) else -np.inf
             tp = (mated_score > best_other) & (mated_score > threshold)

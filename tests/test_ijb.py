@@ -45,11 +45,11 @@ def ref_pair_scores(unique_templates, feats, t1, t2):
     return np.array([float(np.sum(feats[row[a]] * feats[row[b]])) for a, b in zip(t1, t2)])
 
 
-def ref_tar(labels, scores):
+def ref_tar(labels, scores, far_targets=ijb.FAR_TARGETS):
     fpr, tpr, _ = roc_curve(labels, scores)
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)
     out = []
-    for x in ijb.FAR_TARGETS:
+    for x in far_targets:
         _, index = min(list(zip(abs(fpr - x), range(len(fpr)))))
         out.append(tpr[index])
     return np.array(out)
@@ -100,7 +100,7 @@ def test_template_features_match_loop(flip, mode, norm_score, detector):
     rng = np.random.default_rng(1)
     feats, faceness, templates, medias = random_layout(rng)
     got_ids, got = ijb.image_to_template_features(feats, faceness, templates, medias, flip, mode, norm_score,
-                                                  detector, chunk_rows=37)
+                                                  detector, chunk_rows=37, workers=3)
     want_ids, want = ref_template_features(feats, faceness, templates, medias, flip, mode, norm_score, detector)
     np.testing.assert_array_equal(got_ids, want_ids)
     assert got.shape == want.shape == (len(want_ids), feats.shape[1] if (flip and mode == "concat") else 16)
@@ -120,18 +120,98 @@ def test_norm_score_switch_semantics():
     np.testing.assert_allclose(normed[0], np.array([1, 1]) / np.sqrt(2), atol=1e-12)
 
 
-def test_pair_scores_and_tar_table_match_loop():
+def pair_layout(rng, shape, n_templates=700, n_pairs=6000, dim=16):
+    """Normalised template features with non-contiguous ids and pairs of one of IJB-C's two shapes, plus
+    duplicate pairs, swapped pairs and a template paired with itself (ties among the scores)."""
+    ids = np.sort(rng.choice(np.arange(3, 40 * n_templates, 3), n_templates, replace=False))
+    feats = rng.standard_normal((n_templates, dim))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    if shape == "enrollment x probe":  # enrollment ids interleave with the probes' ids; grouped like the real file
+        enrolled = rng.choice(n_templates, n_templates // 6, replace=False)
+        probes = np.setdiff1d(np.arange(n_templates), enrolled)
+        i1, i2 = rng.choice(enrolled, n_pairs), rng.choice(probes, n_pairs)
+        order = np.lexsort((i2, i1))
+        i1, i2 = i1[order], i2[order]
+    else:
+        i1, i2 = rng.integers(0, n_templates, n_pairs), rng.integers(0, n_templates, n_pairs)
+    i1 = np.concatenate([i1, i1[:500], i2[:500], i1[:50]])  # duplicates, swapped pairs, self pairs
+    i2 = np.concatenate([i2, i2[:500], i1[:500], i1[:50]])
+    return ids, feats, ids[i1], ids[i2]
+
+
+@pytest.mark.parametrize("shape", ["enrollment x probe", "random"])
+@pytest.mark.parametrize("tile", [7, 64, 512])
+def test_pair_scores_match_loop(shape, tile):
     rng = np.random.default_rng(2)
-    feats, faceness, templates, medias = random_layout(rng)
-    ids, tfeats = ijb.image_to_template_features(feats, faceness, templates, medias)
-    t1 = rng.choice(ids, 3000)
-    t2 = rng.choice(ids, 3000)
-    scores = ijb.pair_scores(ids, tfeats, t1, t2, chunk=128)
-    np.testing.assert_allclose(scores, ref_pair_scores(ids, tfeats, t1, t2), atol=1e-12)
-    labels = (rng.uniform(size=3000) < 0.2).astype(np.int64)
-    tar, fpr, tpr = ijb.tar_at_far(labels, scores)
-    np.testing.assert_allclose(tar, ref_tar(labels, scores), atol=1e-6)
-    np.testing.assert_array_equal(fpr, roc_curve(labels, scores)[0])
+    ids, feats, t1, t2 = pair_layout(rng, shape)
+    scores = ijb.pair_scores(ids, feats, t1, t2, tile=tile)
+    np.testing.assert_allclose(scores, ref_pair_scores(ids, feats, t1, t2), rtol=0, atol=1e-13)
+    # a pair, its duplicate and its swap are one matrix entry: exactly equal scores
+    np.testing.assert_array_equal(scores[6000:6500], scores[:500])
+    np.testing.assert_array_equal(scores[6500:7000], scores[:500])
+
+
+@pytest.mark.parametrize("shape", ["enrollment x probe", "random"])
+def test_scores_to_tar_match_release_pipeline(shape):
+    rng = np.random.default_rng(3)
+    ids, feats, t1, t2 = pair_layout(rng, shape)
+    row = {t: i for i, t in enumerate(ids)}
+    # labels from a subject per template: pairs whose scores differ only by rounding (a pair and its
+    # duplicate or swap, a template with itself) share a label, so float64 rounding cannot reorder the ROC
+    labels = np.array([row[a] % 5 == row[b] % 5 for a, b in zip(t1, t2)], dtype=np.int64)
+    scores = ijb.pair_scores(ids, feats, t1, t2, tile=64)
+    tar, fpr, tpr = ijb.tar_at_far(labels, scores, far_targets=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.3))
+    want = ref_pair_scores(ids, feats, t1, t2)
+    np.testing.assert_array_equal(tar, ref_tar(labels, want, far_targets=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.3)))
+    # the whole curve equals sklearn's on the same scores (rounding-level ties may merge or split points
+    # between two score computations, which moves no TAR but changes the number of points)
+    want_fpr, want_tpr, _ = roc_curve(labels, scores)
+    np.testing.assert_array_equal(fpr, want_fpr)
+    np.testing.assert_array_equal(tpr, want_tpr)
+
+
+def roc_cases():
+    rng = np.random.default_rng(4)
+    labels = (rng.uniform(size=30000) < 0.2).astype(np.int64)
+    yield "continuous", labels, rng.normal(labels * 0.8, 0.5)
+    for decimals in (0, 1, 2, 3):  # coarse scores: many ties mixing genuine and impostor pairs
+        yield f"rounded to {decimals}", labels, np.round(rng.normal(labels * 0.8, 0.5), decimals)
+    # runs of ties with changing and repeating counts (collinear points that roc_curve drops)
+    yield "repeating tie counts", labels[:3000], np.repeat(np.arange(1000.0), 3)[rng.permutation(3000)] % 37
+    yield "one genuine, one value", np.r_[1, np.zeros(99, np.int64)], np.zeros(100)
+    yield "signed zeros", np.array([1, 0, 1, 0, 0, 1]), np.array([0.0, -0.0, 2.0, -1.0, 1, -0.0])
+    yield "two pairs", np.array([0, 1]), np.array([0.3, 0.2])
+    many = (rng.uniform(size=2 ** 20 + 1) < 0.01).astype(np.int64)  # large enough to sort on two threads
+    yield "a million scores, ties", many, np.round(rng.normal(many * 0.8, 0.3), 4)
+
+
+@pytest.mark.parametrize("name,labels,scores", list(roc_cases()), ids=[c[0] for c in roc_cases()])
+def test_roc_equals_sklearn_roc_curve(name, labels, scores):
+    fpr, tpr = ijb.roc(labels, scores)
+    want_fpr, want_tpr, _ = roc_curve(labels, scores)
+    np.testing.assert_array_equal(fpr, want_fpr)
+    np.testing.assert_array_equal(tpr, want_tpr)
+    far_targets = (1e-3, 0.01, 0.02, 0.1, 0.25, 0.5)
+    np.testing.assert_array_equal(ijb.tar_at_far(labels, scores, far_targets)[0],
+                                  ref_tar(labels, scores, far_targets))
+
+
+def test_sort_on_two_cores_equals_np_sort():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=2 ** 20 + 3)
+    values[::7] = np.round(values[::7], 1)  # ties
+    values[[1, 2, 3]] = [0.0, -0.0, np.inf]
+    np.testing.assert_array_equal(ijb.sort_on_two_cores(values), np.sort(values))
+    values[5] = np.nan
+    np.testing.assert_array_equal(ijb.sort_on_two_cores(values), np.sort(values))
+
+
+def test_roc_needs_both_classes_and_finite_scores():
+    with pytest.raises(ValueError, match="both genuine"):
+        ijb.roc(np.zeros(4, np.int64), np.arange(4.0))
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="must be finite"):
+            ijb.roc(np.array([0, 1, 0]), np.array([0.5, bad, 0.1]))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -141,7 +221,7 @@ def test_tar_point_selection_with_ties(seed):
     labels = (rng.uniform(size=20000) < 0.3).astype(np.int64)
     scores = np.round(rng.normal(labels * 0.6, 0.4), 1)
     tar, _, _ = ijb.tar_at_far(labels, scores)
-    np.testing.assert_allclose(tar, ref_tar(labels, scores), atol=1e-6)
+    np.testing.assert_array_equal(tar, ref_tar(labels, scores))
 
 
 def test_tar_tie_goes_to_larger_tpr():
@@ -153,9 +233,11 @@ def test_tar_tie_goes_to_larger_tpr():
     np.testing.assert_allclose(tar, [tpr[np.flatnonzero(fpr == 0.5).max()]])
 
 
-def test_unknown_pair_template_is_an_error():
-    with pytest.raises(ValueError, match="pair template id 99 has no images"):
-        ijb.pair_scores(np.array([1, 2]), np.eye(2), np.array([1, 99]), np.array([2, 2]))
+@pytest.mark.parametrize("known", [np.array([1, 2]), np.array([1, 2 ** 40])])  # lookup table / binary search
+def test_unknown_pair_template_is_an_error(known):
+    for unknown in (99, -5, 2 ** 41):
+        with pytest.raises(ValueError, match=f"pair template id {unknown} has no images"):
+            ijb.pair_scores(known, np.eye(2), np.array([1, unknown]), np.array([1, 1]))
 
 
 def test_identification_1n_matches_loop():
