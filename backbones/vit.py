@@ -39,7 +39,7 @@ def attention_core_in_float32(precision, device_type):
     "autocast": the core follows the caller's autocast dtype like the rest of the block.
     "auto" (default): float32 on CUDA; elsewhere follow autocast. That is what the release's code does on every
     device: it turns off only CUDA autocast (torch.cuda.amp.autocast(False)), so under CPU bf16 autocast its core
-    runs in bf16 — about twice as fast on a CPU with native bf16 (bench/README.md, "Training step").
+    runs in bf16 (and is faster there: bench/README.md, "Attention core").
     """
     if precision not in ATTENTION_PRECISIONS:
         raise ValueError(f"attention_precision must be one of {ATTENTION_PRECISIONS}, got {precision!r}")
@@ -60,12 +60,18 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        if attention_core_in_float32(self.precision, x.device.type):
+        device = x.device.type
+        if not torch.is_autocast_enabled(device) or attention_core_in_float32(self.precision, device):
             q, k, v = qkv.float().unbind(0)
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with torch.autocast(device_type=device, enabled=False):
                 x = F.scaled_dot_product_attention(q, k, v)
+        elif device == "cuda":
+            x = F.scaled_dot_product_attention(*qkv.unbind(0))  # fused flash / memory-efficient kernels
         else:
-            x = F.scaled_dot_product_attention(*qkv.unbind(0))
+            # In bf16 on a CPU the fused kernel is slower than plain matmuls (bench/README.md, "Attention core"),
+            # which are also what the release's code runs there.
+            q, k, v = qkv.unbind(0)
+            x = ((q @ k.transpose(-2, -1)) * (C // self.num_heads) ** -0.5).softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

@@ -241,8 +241,8 @@ def test_attention_core_in_float32_under_autocast(monkeypatch):
 
 
 def test_attention_precision_follows_autocast_where_asked(monkeypatch):
-    """"autocast" (and "auto" off CUDA) runs the core in the outer autocast dtype; without autocast the three
-    settings give the same float32 model."""
+    """Under CPU bf16 autocast "float32" runs the fused core on float32 q, k, v; "autocast" and "auto" (off CUDA)
+    compute softmax(q k^T / sqrt(d)) v with plain bf16 matmuls. Without autocast the three settings are one model."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -251,18 +251,26 @@ def test_attention_precision_follows_autocast_where_asked(monkeypatch):
         return sdpa(q, k, v)
 
     monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention", recording_sdpa)
-    x = torch.randn(2, 3, 112, 112)
-    outputs = {}
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 10, 32)
+    outputs, plain = {}, {}
     for precision in ("float32", "autocast", "auto"):
-        torch.manual_seed(0)
-        model = tiny_vit(attention_precision=precision).eval()
+        torch.manual_seed(1)
+        attn = Attention(32, 4, precision)
         seen.clear()
         with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            model(x)
-        assert seen == [torch.float32 if precision == "float32" else torch.bfloat16] * 2
+            outputs[precision] = attn(tokens)
+            if precision != "float32":
+                q, k, v = attn.qkv(tokens).reshape(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+                core = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).softmax(dim=-1) @ v
+                expected = attn.proj(core.transpose(1, 2).reshape(2, 10, 32))
+        assert seen == ([torch.float32] if precision == "float32" else [])
+        if precision != "float32":
+            assert torch.equal(outputs[precision], expected)
         with torch.no_grad():
-            outputs[precision] = model(x)
-    assert torch.equal(outputs["float32"], outputs["autocast"]) and torch.equal(outputs["float32"], outputs["auto"])
+            plain[precision] = attn(tokens)
+    assert not torch.equal(outputs["float32"], outputs["autocast"])
+    assert torch.equal(plain["float32"], plain["autocast"]) and torch.equal(plain["float32"], plain["auto"])
     assert vit_module.attention_core_in_float32("auto", "cuda") and not vit_module.attention_core_in_float32("auto", "cpu")
     with pytest.raises(ValueError, match="attention_precision"):
         tiny_vit(attention_precision="fp16")
