@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
 from backbones import get_model, is_vit
 from dataset import get_dataloader
@@ -201,10 +202,7 @@ def train(cfg, env, stop=None):
     head.train()
 
     # ---- logging, verification and the device-side non-finite monitor
-    writer = None
-    if env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+    writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard")) if env.rank == 0 else None
     log_callback = CallBackLogging(cfg.frequent, total_step, cfg.batch_size * cfg.gradient_acc, env.world_size,
                                    global_step, writer, logger)
     verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None
