@@ -39,10 +39,11 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from backbones import get_model  # noqa: E402
-from dpap import dpap  # noqa: E402
+import train  # noqa: E402
 from losses import CombinedMarginLoss, ehsm_weights  # noqa: E402
 from lr_scheduler import PolyScheduler  # noqa: E402
 from partial_fc import PartialFC, class_range  # noqa: E402
+from utils.amp import AMP_DTYPES, resolve_amp  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
 
 RELEASED = [os.path.join(ROOT, "configs", f"{data}_vit_{size}.py") for data in ("ms1mv2", "glint360k")
@@ -159,7 +160,8 @@ def head_saved_bytes(num_local, global_batch, amp_dtype, embedding_size=512):
 def activation_profile(network, amp_dtype, batches=(2, 3)):
     """Per-sample and fixed saved bytes of `network` (fit through two batch sizes; saves are linear in the batch)."""
     torch.manual_seed(0)
-    model = get_model(network)
+    # the attention core in float32, as on CUDA (on a CPU it would follow the bf16 autocast and save less)
+    model = get_model(network, attention_precision="float32")
     autocast = dict(device_type="cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
     released_ckpt = model.using_checkpoint
     rows = []
@@ -235,15 +237,15 @@ def rank_main(rank, world_size, port, cfg_path, steps, batch_size, result_dir):
                             timeout=timedelta(minutes=30))
     cfg = get_config(cfg_path)
     torch.manual_seed(cfg.seed + rank)
-    amp_dtype = {"fp16": torch.bfloat16, "bf16": torch.bfloat16, "none": None}[cfg.amp]  # fp16 -> bf16 on CPU
+    amp_dtype = AMP_DTYPES[resolve_amp(cfg.amp, "cpu")]  # the released fp16 -> bf16 on CPU
     autocast = dict(device_type="cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
     anon_start = anon_rss()
 
-    backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs)
+    backbone = get_model(cfg.network, num_features=cfg.embedding_size,
+                         **{"attention_precision": "float32", **cfg.network_kwargs})  # as on CUDA
     head = PartialFC(CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold),
                      cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype)
-    groups = [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # as train.py
+    optimizer = train.build_optimizer(cfg, backbone, head)
     head.register_optimizer(optimizer)
     scheduler = PolyScheduler(optimizer, cfg.lr, 1000, 100)
     model = torch.nn.parallel.DistributedDataParallel(backbone, broadcast_buffers=False, bucket_cap_mb=16,
@@ -256,29 +258,8 @@ def rank_main(rank, world_size, port, cfg_path, steps, batch_size, result_dir):
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        images, labels = images_all[step], labels_all[step]
-        if cfg.dpap:
-            with torch.no_grad(), torch.autocast(**autocast):
-                _, patch_weights, _ = backbone(images, return_aux=True)
-            images = dpap(images, patch_weights.float(), top_k=cfg.dpap_top_k, prob=cfg.dpap_prob,
-                          patch_size=backbone.patch_size, alpha=cfg.dpap_alpha)
-        with torch.autocast(**autocast):
-            if cfg.ehsm:
-                embeddings, _, patch_entropy = model(images, return_aux=True)
-                weights = ehsm_weights(patch_entropy.float(), gamma=cfg.ehsm_gamma, top_k=cfg.ehsm_top_k,
-                                       measure=cfg.ehsm_measure, reduction=cfg.ehsm_reduction)
-            else:
-                embeddings, weights = model(images), None
-        loss = head(embeddings, labels, weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip)
-        found_inf = (~torch.isfinite(loss.detach())).float()
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-        optimizer.found_inf = found_inf
-        optimizer.step()
-        del optimizer.found_inf
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        batch = [(images_all[step], labels_all[step])]
+        loss, _ = train.train_step(model, head, optimizer, scheduler, None, cfg, batch, autocast)  # train.py's step
         dist.barrier()
         times.append(time.perf_counter() - t0)
 
