@@ -23,12 +23,7 @@ README_TRAIN = ('python -m torch.distributed.launch --nproc_per_node=8 --nnodes=
                 '--master_addr="127.0.0.1" --master_port=12581 train.py ')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(output, *opts):

@@ -16,12 +16,7 @@ TINY = '{"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path_rate": 0.1}'
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and polite on the shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(output, *opts):

@@ -22,12 +22,7 @@ AUTOCAST = dict(device_type="cpu", dtype=None, enabled=False)
 TOTAL_STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(*opts):
