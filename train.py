@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from backbones import get_model, is_vit
+from backbones import get_model
 from dataset import get_dataloader
 from dpap import dpap
 from losses import CombinedMarginLoss, ehsm_weights
@@ -27,7 +27,7 @@ from lr_scheduler import PolyScheduler
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.amp import AMP_DTYPES, resolve_amp
-from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed
+from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed, wrap_ddp
 from utils.nonfinite import NonFiniteMonitor, log_window
 from utils.resume import resume_training, save_state
 from utils.stop import StopRequest
@@ -193,11 +193,7 @@ def train(cfg, env, stop=None):
         start_epoch, start_in_epoch, global_step, pending_rng = resume_training(
             cfg, env, logger, steps_per_epoch, backbone, head, optimizer, scheduler, scaler)
 
-    model = backbone
-    if env.distributed:
-        model = DistributedDataParallel(backbone, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                                        broadcast_buffers=False, bucket_cap_mb=16,
-                                        find_unused_parameters=is_vit(cfg.network))  # as released
+    model = wrap_ddp(backbone, env)
     model.train()
     head.train()
 

@@ -126,6 +126,10 @@ class VisionTransformer(nn.Module):
         self.num_patches = num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Never used when nothing is masked: frozen, so DDP (find_unused_parameters=False) does not wait for its
+        # gradient. The release's DDP search for unused parameters left its gradient None too, so AdamW never
+        # touched it (no update, no weight decay); a frozen parameter keeps exactly that.
+        self.mask_token.requires_grad_(mask_ratio > 0)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, rate, attention_precision)
                                      for rate in rates])

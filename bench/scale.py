@@ -44,6 +44,7 @@ from losses import CombinedMarginLoss, ehsm_weights  # noqa: E402
 from lr_scheduler import PolyScheduler  # noqa: E402
 from partial_fc import PartialFC, class_range  # noqa: E402
 from utils.amp import AMP_DTYPES, resolve_amp  # noqa: E402
+from utils.distributed import DistEnv, wrap_ddp  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
 
 RELEASED = [os.path.join(ROOT, "configs", f"{data}_vit_{size}.py") for data in ("ms1mv2", "glint360k")
@@ -248,8 +249,7 @@ def rank_main(rank, world_size, port, cfg_path, steps, batch_size, result_dir):
     optimizer = train.build_optimizer(cfg, backbone, head)
     head.register_optimizer(optimizer)
     scheduler = PolyScheduler(optimizer, cfg.lr, 1000, 100)
-    model = torch.nn.parallel.DistributedDataParallel(backbone, broadcast_buffers=False, bucket_cap_mb=16,
-                                                      find_unused_parameters=True)
+    model = wrap_ddp(backbone, DistEnv(rank, rank, world_size, torch.device("cpu")))  # train.py's DDP
     model.train()
     head.train()
     images_all = torch.rand(steps, batch_size, 3, 112, 112) * 2 - 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ def setup_distributed(local_rank_arg=None):
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def wrap_ddp(module, env):
+    """`module` in DDP when there are several ranks, else `module` itself. find_unused_parameters=False (the release
+    searched for unused ViT parameters every step, an extra pass over the autograd graph): every trainable parameter
+    of every released layout gets a gradient each step, and the one that may not (the ViT's mask token at mask ratio
+    0) is frozen by the model. BatchNorm statistics stay per rank (broadcast_buffers=False), as released."""
+    if not env.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                   broadcast_buffers=False, bucket_cap_mb=16, find_unused_parameters=False)
 
 
 def cleanup_distributed():
