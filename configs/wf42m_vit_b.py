@@ -1,0 +1,31 @@
+"""TransFace-B on WebFace42M (2,059,906 identities, 42,474,557 images): CosFace, Partial FC 0.3, 8 GPUs.
+
+Source: arcface_torch recognition/arcface_torch/configs/wf42m_pfc03_40epoch_8gpu_vit_b.py, unchanged (8 GPUs x 256 x
+gradient_acc 12 = global batch 24576).
+Network: the TransFace layout of the same name as arcface_torch's (docs/training.md#webface); DPAP and
+EHSM are on (the default for ViTs).
+"""
+from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)
+config.network = "vit_b_dp005_mask_005"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 0.3
+config.fp16 = True
+config.weight_decay = 0.1
+config.batch_size = 256
+config.gradient_acc = 12  # global batch 256 x 8 GPUs x 12 = 24576
+config.optimizer = "adamw"
+config.lr = 1e-3
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/data/WebFace42M"
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 40
+config.warmup_epoch = config.num_epoch // 10
+config.val_targets = []
