@@ -70,6 +70,11 @@ def fc_shard(num_classes, world_size, rank=0, embedding_size=512, dtype_bytes=4)
     return rows, rows * embedding_size * dtype_bytes
 
 
+def sampled_rows(cfg, world_size=GPU_WORLD):
+    """Centres of the rank-0 shard that enter the softmax each step: PartialFC.num_sample (all at sample_rate 1)."""
+    return max(1, int(cfg.sample_rate * fc_shard(cfg.num_classes, world_size)[0]))
+
+
 def adamw_state_bytes(params):
     """AdamW state of `params`: exp_avg and exp_avg_sq (each the size of the parameter) and the step counter (a
     float32 scalar tensor per parameter in the fused implementation). A parameter that never gets a gradient (the
@@ -191,6 +196,7 @@ def gpu_estimate(cfg, backbone_params, profile, head, world_size=GPU_WORLD, batc
     b = batch_size or cfg.batch_size
     weight = backbone_params[1]  # (count, bytes)
     rows, fc = fc_shard(cfg.num_classes, world_size, 0, cfg.embedding_size)
+    sampled = sampled_rows(cfg, world_size)  # the logits and the head's saves cover the sampled centres only
     terms = {
         "weights": weight,
         "grads": weight,
@@ -201,10 +207,10 @@ def gpu_estimate(cfg, backbone_params, profile, head, world_size=GPU_WORLD, batc
         "fc_adamw": 2 * fc,
         "activations": profile["peak_fixed"] + profile["peak_per_sample"] * b,
         "head_activations": head["fixed"] + head["per_global_sample"] * b * world_size,
-        # not saved but live for a moment (an estimate, docs/memory.md): up to three fp32 (global batch x shard)
+        # not saved but live for a moment (an estimate, docs/memory.md): up to three fp32 (global batch x sampled)
         # logit tensors in the head, and ~4 shard-sized tensors (the fp32 normalised shard, the gradients through
         # its half-precision copy and the normalisation; the CPU rehearsal measures 3-3.6x the shard)
-        "temporaries": 3 * 4 * rows * b * world_size + 4 * fc,
+        "temporaries": 3 * 4 * sampled * b * world_size + 4 * fc,
     }
     terms["total"] = sum(terms.values())
     return rows, terms
@@ -373,7 +379,7 @@ def main():
                   f"| {p['peak_fixed'] / mib:.1f} |", flush=True)
     heads = {}
     for cfg in cfgs.values():
-        rows = fc_shard(cfg.num_classes, GPU_WORLD)[0]
+        rows = sampled_rows(cfg)  # the head profile of a shard of the sampled size
         if rows not in heads:
             heads[rows] = head_profile(rows, amp)
             print(f"head, {rows:,} centres: {heads[rows]['per_global_sample'] / 1024:.1f} KiB per global sample, "
@@ -388,7 +394,7 @@ def main():
         with torch.device("meta"):
             stats = param_stats(get_model(cfg.network, num_features=cfg.embedding_size))
         for b in sorted({cfg.batch_size, 128}):
-            _, terms = gpu_estimate(cfg, stats, profiles[cfg.network], heads[fc_shard(cfg.num_classes, GPU_WORLD)[0]],
+            _, terms = gpu_estimate(cfg, stats, profiles[cfg.network], heads[sampled_rows(cfg)],
                                     batch_size=b)
             print(f"| {os.path.basename(path)} | {b} | " + " | ".join(gib(terms[n]) for n in names) + " |")
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from backbones import get_model
 from bench.scale import (ROOT, SavedTensorBytes, adamw_state_bytes, fc_shard, gpu_estimate, measured_state_bytes,
-                         param_stats)
+                         param_stats, sampled_rows)
 from utils.utils_config import get_config
 
 
