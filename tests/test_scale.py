@@ -69,3 +69,14 @@ def test_gpu_estimate_exact_terms_glint360k_vit_l():
     assert terms["fc_shard"] == terms["fc_grad"] == 45029 * 2048 and terms["fc_adamw"] == 2 * 45029 * 2048
     assert terms["activations"] == terms["head_activations"] == 0
     assert terms["total"] == 20 * count + 4 * 45029 * 2048 + terms["temporaries"]
+
+
+def test_gpu_estimate_wf42m_samples_30_percent_of_the_shard():
+    """WebFace42M on 8 GPUs: the whole shard is state (weights, gradient, AdamW), the logits cover the sampled 30%."""
+    cfg = get_config(os.path.join(ROOT, "configs", "wf42m_vit_s.py"))
+    assert fc_shard(cfg.num_classes, 8) == (257489, 257489 * 2048)  # 2,059,906 = 8 x 257,488 + 2
+    assert sampled_rows(cfg) == int(0.3 * 257489) == 77246
+    zero = {"peak_fixed": 0, "peak_per_sample": 0}
+    rows, terms = gpu_estimate(cfg, (0, 0), zero, {"fixed": 0, "per_global_sample": 0})
+    assert rows == 257489 and terms["fc_adamw"] == 2 * 257489 * 2048
+    assert terms["temporaries"] == 3 * 4 * 77246 * 384 * 8 + 4 * 257489 * 2048
