@@ -29,7 +29,7 @@ from utils import checkpoint as ckpt
 from utils.amp import AMP_DTYPES, resolve_amp
 from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed, wrap_ddp
 from utils.nonfinite import NonFiniteMonitor, log_window
-from utils.resume import resume_training, save_state
+from utils.resume import CheckpointSaver, resume_training
 from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
@@ -61,7 +61,8 @@ def seed_everything(seed):
 
 
 def setup(cfg, env):
-    """Logger, leftovers of interrupted saves, seeds, the AMP mode in the log. -> (logger, AMP mode)."""
+    """Logger, leftovers of interrupted saves, seeds, the AMP mode in the log. -> (logger, AMP dtype or None, the
+    torch.autocast kwargs)."""
     logger = init_logging(env.rank, cfg.output)
     # temp files of saves interrupted by a kill: each rank removes those of its own files
     own_files = [os.path.basename(ckpt.checkpoint_path(cfg.output, env.rank))] + (["model.pt"] if env.rank == 0 else [])
@@ -75,7 +76,19 @@ def setup(cfg, env):
         logger.warning("amp=fp16 needs CUDA; running on CPU with bf16 autocast instead (no GradScaler)")
     elif cfg.amp == "auto":
         logger.info(f"amp=auto: {amp} on {env.device.type}")
-    return logger, amp
+    amp_dtype = AMP_DTYPES[amp]
+    return logger, amp_dtype, dict(device_type=env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def build_data(cfg, env, logger):
+    """-> (loader, optimiser steps per epoch, total steps, warm-up steps); rank 0 logs the config as released."""
+    loader = get_dataloader(cfg.rec, env.local_rank, cfg.batch_size, dali=cfg.dali, seed=cfg.seed,
+                            num_workers=cfg.num_workers, num_classes=cfg.num_classes)
+    steps_per_epoch = count_steps(cfg, len(loader), env.world_size)
+    total_step, warmup_step = steps_per_epoch * cfg.num_epoch, steps_per_epoch * cfg.warmup_epoch
+    if env.rank == 0:  # the release's config dump and derived schedule, for the scripts that parse it
+        log_config(logger, cfg, env.world_size, warmup_step, total_step)
+    return loader, steps_per_epoch, total_step, warmup_step
 
 
 def count_steps(cfg, loader_len, world_size):
@@ -94,6 +107,22 @@ def build_optimizer(cfg, backbone, head):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def build_model(cfg, env, amp_dtype, total_step, warmup_step):
+    """Backbone, Partial FC head, optimiser, LR schedule and GradScaler (fp16 only, else None)."""
+    backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)
+    margin_loss = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
+    head = PartialFC(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype).to(env.device)
+    if cfg.compile:
+        backbone.compile()  # in place: state_dict keys, DDP and checkpoints see the plain module
+    optimizer = build_optimizer(cfg, backbone, head)
+    head.register_optimizer(optimizer)
+    scheduler = PolyScheduler(optimizer, cfg.lr, total_step, warmup_step)
+    scaler = torch.amp.GradScaler("cuda", growth_interval=100) if amp_dtype == torch.float16 else None
+    backbone.train()
+    head.train()
+    return backbone, head, optimizer, scheduler, scaler
 
 
 def train_step(model, head, optimizer, scheduler, scaler, cfg, micro_batches, autocast):
@@ -145,6 +174,22 @@ def train_step(model, head, optimizer, scheduler, scaler, cfg, micro_batches, au
     return step_loss, found_inf
 
 
+def build_callbacks(cfg, env, logger, total_step, global_step):
+    """-> (TensorBoard writer, logging callback, verification callback); writer and verification on rank 0 only."""
+    writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard")) if env.rank == 0 else None
+    log_callback = CallBackLogging(cfg.frequent, total_step, cfg.batch_size * cfg.gradient_acc, env.world_size,
+                                   global_step, writer, logger)
+    verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None
+    return writer, log_callback, verify
+
+
+def save_final_model(cfg, backbone, logger):
+    """model.pt at the end of training, and its ONNX export when asked for."""
+    ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+    if cfg.export_onnx:
+        export_onnx(cfg, backbone, logger)
+
+
 def export_onnx(cfg, backbone, logger):
     try:
         from tools.torch2onnx import export_onnx as export
@@ -163,45 +208,21 @@ def export_onnx(cfg, backbone, logger):
 def train(cfg, env, stop=None):
     """Run training; `stop(global_step) -> bool` is polled after every optimiser step (main() passes a StopRequest,
     tests a lambda). -> {"status": "finished" | "preempted" | "nonfinite", "global_step": int}."""
-    # ---- setup
-    logger, amp = setup(cfg, env)
-    amp_dtype = AMP_DTYPES[amp]
-    autocast = dict(device_type=env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # ---- setup, data
+    logger, amp_dtype, autocast = setup(cfg, env)
+    loader, steps_per_epoch, total_step, warmup_step = build_data(cfg, env, logger)
 
-    # ---- data
-    loader = get_dataloader(cfg.rec, env.local_rank, cfg.batch_size, dali=cfg.dali, seed=cfg.seed,
-                            num_workers=cfg.num_workers, num_classes=cfg.num_classes)
-    steps_per_epoch = count_steps(cfg, len(loader), env.world_size)
-    total_step, warmup_step = steps_per_epoch * cfg.num_epoch, steps_per_epoch * cfg.warmup_epoch
-    if env.rank == 0:  # the release's config dump and derived schedule, for the scripts that parse it
-        log_config(logger, cfg, env.world_size, warmup_step, total_step)
-
-    # ---- backbone, Partial FC head, optimiser and schedule
-    backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)
-    margin_loss = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
-    head = PartialFC(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype).to(env.device)
-    if cfg.compile:
-        backbone.compile()  # in place: state_dict keys, DDP and checkpoints see the plain module
-    optimizer = build_optimizer(cfg, backbone, head)
-    head.register_optimizer(optimizer)
-    scheduler = PolyScheduler(optimizer, cfg.lr, total_step, warmup_step)
-    scaler = torch.amp.GradScaler("cuda", growth_interval=100) if amp == "fp16" else None
-
-    # ---- resume
-    start_epoch, start_in_epoch, global_step, pending_rng = 0, 0, 0, None
-    if cfg.resume:
-        start_epoch, start_in_epoch, global_step, pending_rng = resume_training(
-            cfg, env, logger, steps_per_epoch, backbone, head, optimizer, scheduler, scaler)
+    # ---- backbone, Partial FC head, optimiser and schedule; resume; the checkpoint writer
+    modules = build_model(cfg, env, amp_dtype, total_step, warmup_step)
+    backbone, head, optimizer, scheduler, scaler = modules
+    start_epoch, start_in_epoch, global_step, pending_rng = (
+        resume_training(cfg, env, logger, steps_per_epoch, *modules) if cfg.resume else (0, 0, 0, None))
+    saver = CheckpointSaver(cfg, env, logger, modules)
 
     model = wrap_ddp(backbone, env)
-    model.train()
-    head.train()
 
     # ---- logging, verification and the device-side non-finite monitor
-    writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard")) if env.rank == 0 else None
-    log_callback = CallBackLogging(cfg.frequent, total_step, cfg.batch_size * cfg.gradient_acc, env.world_size,
-                                   global_step, writer, logger)
-    verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None
+    writer, log_callback, verify = build_callbacks(cfg, env, logger, total_step, global_step)
     loss_meter = AverageMeter()
     monitor = NonFiniteMonitor(env.device, global_step, cfg.max_nonfinite_steps)
     stop_requested, status = False, "finished"  # stop_requested: host flag, latched
@@ -209,7 +230,9 @@ def train(cfg, env, stop=None):
     def sync_point():
         """The one host read. -> the stop agreed by the ranks; sets status "nonfinite" when the limit was reached."""
         nonlocal status
-        state = monitor.read(stop_requested, env.distributed)
+        saver.check()  # a failed background save ends the run here
+        state = monitor.read(stop_requested, env.distributed, saver.minutes_due())
+        saver.minutes_agreed = state["save"]
         if state["finite_steps"] and env.rank == 0:
             loss_meter.update(state["mean_loss"], state["finite_steps"])
         log_window(state, logger, global_step, cfg.max_nonfinite_steps, cfg.output)
@@ -250,18 +273,19 @@ def train(cfg, env, stop=None):
                 verify(global_step, backbone)
             if stop_now:
                 break
+            if saver.due(global_step, synced=read_at == global_step):
+                saver.save(epoch, step_in_epoch, global_step)
         mid_epoch = stop_now  # agreed at a step of the epoch (its last one too): save that position, no model.pt
         if read_at != global_step:  # epoch end: read the counters (and agree on a stop) before anything is saved
             stop_now = sync_point()
         if status == "nonfinite":
             break
-        if mid_epoch:
-            save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, step_in_epoch, global_step)
-        elif cfg.save_all_states or stop_now:
-            save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch + 1, 0, global_step)
+        if mid_epoch or cfg.save_all_states or stop_now:
+            saver.save(*((epoch, step_in_epoch) if mid_epoch else (epoch + 1, 0)), global_step)
         if env.rank == 0 and not mid_epoch:
             ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
         if stop_now:
+            saver.close()  # on disk before anyone says so
             barrier()
             where = (f"epoch {epoch}, step {step_in_epoch} of {steps_per_epoch}" if mid_epoch
                      else f"end of epoch {epoch}")
@@ -270,10 +294,9 @@ def train(cfg, env, stop=None):
             status = "preempted"
             break
 
+    saver.close()
     if status == "finished" and env.rank == 0:
-        ckpt.atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-        if cfg.export_onnx:
-            export_onnx(cfg, backbone, logger)
+        save_final_model(cfg, backbone, logger)
     if writer is not None:
         writer.close()
     return {"status": status, "global_step": global_step}

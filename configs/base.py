@@ -52,3 +52,8 @@ config.grad_clip = 5.0
 config.max_nonfinite_steps = 100  # stop when the loss stays non-finite this many steps in a row
 config.export_onnx = True
 config.compile = False  # torch.compile the backbone (same numerics, faster steps on GPUs; docs/training.md)
+# resumable checkpoints during an epoch (docs/training.md, "Checkpoints"); 0 = off: a save only at an epoch's end
+# (save_all_states) and on SIGTERM/SIGINT, as released
+config.save_every_steps = 0
+config.save_every_minutes = 0.0  # agreed by the ranks at the logging interval (every `frequent` steps)
+config.keep_checkpoints = 2  # complete checkpoint sets kept (the newest); 2 leaves one to fall back on

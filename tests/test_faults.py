@@ -1,7 +1,7 @@
 """Fault injection into real training processes on CPU.
 
   1. SIGKILL at random moments and while a checkpoint is being written (the killer watches for the temporary
-     file of utils.checkpoint.atomic_save): after every kill the checkpoint on disk loads, the next run resumes
+     files of utils.checkpoint.atomic_save): after every kill the newest complete checkpoint set loads, the next run resumes
      from exactly that checkpoint, and the final run finishes with the same weights as an uninterrupted run.
   2. SIGTERM / SIGINT: the process saves at the current step, says so and exits 0; the resumed run continues
      mid-epoch with the same batches (the label sequence of interrupted + resumed equals the uninterrupted one)
@@ -88,10 +88,8 @@ def child_main(opts, out_file, probe, environ):
                         f.write(" ".join(str(int(v)) for v in labels) + "\n")
                 if probe.get("nan_from") and Probe.calls >= probe["nan_from"]:
                     if Probe.calls == probe["nan_from"]:
-                        output = probe["output"]
                         with open(probe["hashes"], "w") as f:
-                            json.dump({n: sha256(os.path.join(output, n)) for n in ("checkpoint_gpu_0.pt", "model.pt")},
-                                      f)
+                            json.dump(output_hashes(probe["output"]), f)
                     loss = loss * float("nan")
                 time.sleep(probe.get("sleep", 0))
                 return loss
@@ -105,6 +103,40 @@ def child_main(opts, out_file, probe, environ):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def saved_files_and_temps(output):
+    """The files of the checkpoint sets, model.pt and the temporary files of saves in `output`, relative to it."""
+    found = [n for n in os.listdir(output) if n.startswith("model.pt")] if os.path.isdir(output) else []
+    for folder, _, names in os.walk(os.path.join(output, "checkpoints")):
+        found += [os.path.relpath(os.path.join(folder, n), output) for n in names]
+    return sorted(found)
+
+
+def saved_files(output):
+    return [n for n in saved_files_and_temps(output) if ".tmp." not in n]
+
+
+def output_hashes(output):
+    """sha256 of saved_files(output) once the newest save is on disk (sets are written off the training thread)."""
+    from utils import checkpoint_set
+
+    start = time.monotonic()
+    while checkpoint_set.newest_set(output) is None and time.monotonic() - start < 30:
+        time.sleep(0.01)
+    time.sleep(0.2)  # pruning of older sets follows the marker
+    return {n: sha256(os.path.join(output, n)) for n in saved_files(output)}
+
+
+def snapshot(output, to):
+    """Copy the checkpoint sets and model.pt of `output` to the folder `to`."""
+    os.makedirs(to)
+    for name in saved_files(output):
+        os.makedirs(os.path.dirname(os.path.join(to, name)), exist_ok=True)
+        try:
+            shutil.copy(os.path.join(output, name), os.path.join(to, name))
+        except FileNotFoundError:  # a temp file renamed meanwhile (a saving rank still runs)
+            continue
 
 
 def fork_run(opts, out_file, probe=None, environ=None):
@@ -167,7 +199,7 @@ def kill_scenario(root, data):
         start, code = time.monotonic(), None
         while time.monotonic() - start < 60:
             if mode == "during_save":
-                if os.path.isdir(out) and any(n.endswith(f".tmp.{pid}") for n in os.listdir(out)):
+                if any(n.endswith(f".tmp.{pid}") for n in saved_files_and_temps(out)):
                     break
             elif count_lines(labels) >= seen + steps:
                 time.sleep(delay)
@@ -180,12 +212,8 @@ def kill_scenario(root, data):
         if code is None:
             os.kill(pid, signal.SIGKILL)
             code = wait(pid)
-        snap = os.path.join(root, f"snap_{i}")
-        os.makedirs(snap)
-        present = os.listdir(out) if os.path.isdir(out) else []
-        for name in ("checkpoint_gpu_0.pt", "model.pt"):
-            if name in present:
-                shutil.copy(os.path.join(out, name), snap)
+        snapshot(out, os.path.join(root, f"snap_{i}"))
+        present = saved_files_and_temps(out)
         runs.append({"mode": mode, "code": code, "tmp_left": sorted(n for n in present if n.endswith(f".tmp.{pid}"))})
     final = run(opts, os.path.join(root, "kill_final.out"))
     return {"ref_code": ref_code, "runs": runs, "final_code": final, "out": out, "ref": os.path.join(root, "kill_ref")}
@@ -209,7 +237,7 @@ def signal_scenario(root, data, sig):
         time.sleep(0.005)
     os.kill(pid, sig)
     code = wait(pid)
-    shutil.copy(os.path.join(out, "checkpoint_gpu_0.pt"), os.path.join(root, f"sig_{tag}_saved.pt"))
+    snapshot(out, os.path.join(root, f"sig_{tag}_saved"))
     resumed_labels = os.path.join(root, f"sig_{tag}_resumed.labels")
     resumed = run(opts + [f"output={out}", "resume=True"], os.path.join(root, f"sig_{tag}_resumed.out"),
                   {"labels": resumed_labels})
@@ -231,8 +259,7 @@ def two_rank_signal_scenario(root, data):
         time.sleep(0.005)
     os.kill(pids[1], signal.SIGTERM)
     codes["interrupted"] = [wait(pid) for pid in pids]
-    for rank in range(2):
-        shutil.copy(os.path.join(out, f"checkpoint_gpu_{rank}.pt"), os.path.join(root, f"dist_saved_{rank}.pt"))
+    snapshot(out, os.path.join(root, "dist_saved"))
     codes["resumed"] = [wait(pid) for pid in fork_ranks(opts + [f"output={out}", "resume=True"], "dist_resumed",
                                                         root)]
     return {"codes": codes, "out": out, "ref": os.path.join(root, "dist_ref")}
@@ -280,9 +307,10 @@ def read(path):
         return f.read()
 
 
-def load(path):
-    from utils import checkpoint as ckpt
-    return ckpt.load(path)
+def load(output, rank=0):
+    """The state of `rank` in the newest complete checkpoint set of `output`, or None without one."""
+    from utils import checkpoint_set
+    return checkpoint_set.read_newest(output, rank) if checkpoint_set.newest_set(output) else None
 
 
 def assert_same_weights(a, b):
@@ -308,10 +336,10 @@ def test_sigkill_at_random_moments_and_during_saves(scenarios):
     for i, r in enumerate(runs):
         snap = os.path.join(root, f"snap_{i}")
         next_out = read(os.path.join(root, f"kill_{i + 1}.out" if i + 1 < KILLS else "kill_final.out"))
-        if not os.path.exists(os.path.join(snap, "checkpoint_gpu_0.pt")):
+        saved = load(snap)  # every kill leaves a loadable checkpoint
+        if saved is None:
             assert previous_step == 0 and "starting from scratch" in next_out
             continue
-        saved = load(os.path.join(snap, "checkpoint_gpu_0.pt"))  # every kill leaves a loadable checkpoint
         assert saved["step_in_epoch"] == 0 and saved["global_step"] == 2 * saved["epoch"]
         assert saved["global_step"] >= previous_step  # resuming never goes backwards
         previous_step = saved["global_step"]
@@ -323,10 +351,10 @@ def test_sigkill_at_random_moments_and_during_saves(scenarios):
     assert previous_step > 0
     assert kill["final_code"] == 0
     # the temp files the killed saves left behind were deleted by the next start (utils/checkpoint.py)
-    assert [n for n in os.listdir(kill["out"]) if ".tmp." in n] == []
-    final = load(os.path.join(kill["out"], "checkpoint_gpu_0.pt"))
+    assert [n for n in saved_files_and_temps(kill["out"]) if ".tmp." in n] == []
+    final = load(kill["out"])
     assert final["global_step"] == 2 * KILL_EPOCHS
-    assert_same_weights(final, load(os.path.join(kill["ref"], "checkpoint_gpu_0.pt")))
+    assert_same_weights(final, load(kill["ref"]))
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
@@ -335,7 +363,7 @@ def test_signal_saves_and_resumes_mid_epoch_with_same_data_order(scenarios, sig)
     r = result[sig]
     number = int(getattr(signal, sig))
     assert r["code"] == 0
-    saved = load(os.path.join(root, f"sig_{sig}_saved.pt"))
+    saved = load(os.path.join(root, f"sig_{sig}_saved"))
     step = saved["global_step"]
     assert 3 <= step < 8 and saved["epoch"] == 0 and saved["step_in_epoch"] == step  # mid-epoch, current step
     out = read(os.path.join(root, f"sig_{sig}.out"))
@@ -349,15 +377,14 @@ def test_signal_saves_and_resumes_mid_epoch_with_same_data_order(scenarios, sig)
     second = read(os.path.join(root, f"sig_{sig}_resumed.labels")).splitlines()
     assert len(ref_labels) == 16 and len(first) == step
     assert first + second == ref_labels  # no batch repeated or skipped, same order
-    assert_same_weights(load(os.path.join(r["out"], "checkpoint_gpu_0.pt")),
-                        load(os.path.join(r["ref"], "checkpoint_gpu_0.pt")))
+    assert_same_weights(load(r["out"]), load(r["ref"]))
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(scenarios):
     root, result = scenarios
     r = result["two_ranks"]
     assert r["codes"] == {"ref": [0, 0], "interrupted": [0, 0], "resumed": [0, 0]}
-    saved = [load(os.path.join(root, f"dist_saved_{rank}.pt")) for rank in range(2)]
+    saved = [load(os.path.join(root, "dist_saved"), rank) for rank in range(2)]
     step = saved[0]["global_step"]
     assert 2 <= step < 4 and all(s["global_step"] == step and s["step_in_epoch"] == step for s in saved)
     assert [s["rank"] for s in saved] == [0, 1] and all(s["world_size"] == 2 for s in saved)
@@ -370,8 +397,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(scenarios):
         first = read(os.path.join(root, f"dist_{rank}.labels")).splitlines()
         second = read(os.path.join(root, f"dist_resumed_{rank}.labels")).splitlines()
         assert len(ref_labels) == 8 and len(first) == step and first + second == ref_labels
-        assert_same_weights(load(os.path.join(r["out"], f"checkpoint_gpu_{rank}.pt")),
-                            load(os.path.join(r["ref"], f"checkpoint_gpu_{rank}.pt")))
+        assert_same_weights(load(r["out"], rank), load(r["ref"], rank))
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(scenarios):
@@ -386,9 +412,8 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(scenarios
             "last non-finite at global step 7)") in out
     with open(os.path.join(root, "nan_hashes.json")) as f:
         before = json.load(f)
-    after = {n: sha256(os.path.join(r["out"], n)) for n in before}
-    assert after == before
-    saved = load(os.path.join(r["out"], "checkpoint_gpu_0.pt"))
+    assert output_hashes(r["out"]) == before
+    saved = load(r["out"])
     assert saved["epoch"] == 1 and saved["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["state_dict_backbone"].values() if v.is_floating_point())
 

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from utils import checkpoint as ckpt
+from utils import checkpoint_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = ["network_kwargs={'embed_dim': 32, 'depth': 1, 'num_heads': 2}", "embedding_size=32", "batch_size=4",
@@ -25,7 +26,7 @@ def run(launcher, output, *extra):
 
 
 def assert_ranks_identical(output, world_size, steps):
-    states = [ckpt.load(ckpt.checkpoint_path(output, r)) for r in range(world_size)]
+    states = [checkpoint_set.read_newest(output, r) for r in range(world_size)]
     for rank, state in enumerate(states):
         assert state["world_size"] == world_size and state["rank"] == rank and state["global_step"] == steps
     # parameters are identical (DDP); BatchNorm running statistics are per rank (broadcast_buffers=False, as released)
@@ -60,7 +61,7 @@ def test_plain_python_world_of_one_and_resume_on_one_rank(tmp_path):
     assert_ranks_identical(tmp_path, 1, 32 // 4)
     # resume continues from the saved epoch into a second one
     run([], tmp_path, "resume=True", "num_epoch=2")
-    assert ckpt.load(ckpt.checkpoint_path(tmp_path, 0))["global_step"] == 16
+    assert checkpoint_set.read_newest(tmp_path, 0)["global_step"] == 16
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
@@ -79,11 +80,11 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "interrupted by signal" in err
-    saved = ckpt.load(ckpt.checkpoint_path(tmp_path / "part", 0))
+    saved = checkpoint_set.read_newest(tmp_path / "part", 0)
     assert 3 <= saved["global_step"] < 40 and saved["epoch"] == 0 and saved["step_in_epoch"] == saved["global_step"]
     run([], tmp_path / "part", *extra, "resume=True")
-    a = ckpt.load(ckpt.checkpoint_path(tmp_path / "whole", 0))
-    b = ckpt.load(ckpt.checkpoint_path(tmp_path / "part", 0))
+    a = checkpoint_set.read_newest(tmp_path / "whole", 0)
+    b = checkpoint_set.read_newest(tmp_path / "part", 0)
     assert a["global_step"] == b["global_step"] == 40
     for key, value in a["state_dict_backbone"].items():
         assert torch.equal(value, b["state_dict_backbone"][key]), key

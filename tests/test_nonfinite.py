@@ -30,15 +30,15 @@ def test_counters_and_window(monkeypatch):
     feed(monitor, [1.0, 2.0, NAN, NAN, 3.0])  # global steps 11..15; the run of 2 is complete at step 14
     assert reads == []  # record() never reads on the host
     assert monitor.read(stop_requested=True, distributed=False) == {
-        "stop": True, "consecutive": 0, "window_bad": 2, "last_bad": 14, "tripped": 14, "window_steps": 5,
+        "stop": True, "save": False, "consecutive": 0, "window_bad": 2, "last_bad": 14, "tripped": 14, "window_steps": 5,
         "mean_loss": 2.0, "finite_steps": 3}
     assert reads == ["tolist"]
     feed(monitor, [NAN])  # step 16: a new run of 1; tripped keeps the first step that reached the limit
     assert monitor.read(stop_requested=False, distributed=False) == {
-        "stop": False, "consecutive": 1, "window_bad": 1, "last_bad": 16, "tripped": 14, "window_steps": 1,
+        "stop": False, "save": False, "consecutive": 1, "window_bad": 1, "last_bad": 16, "tripped": 14, "window_steps": 1,
         "mean_loss": None, "finite_steps": 0}
-    assert monitor.read(stop_requested=False, distributed=False) == {
-        "stop": False, "consecutive": 1, "window_bad": 0, "last_bad": 16, "tripped": 14, "window_steps": 0,
+    assert monitor.read(stop_requested=False, distributed=False, save_due=True) == {
+        "stop": False, "save": True, "consecutive": 1, "window_bad": 0, "last_bad": 16, "tripped": 14, "window_steps": 0,
         "mean_loss": None, "finite_steps": 0}
 
 
@@ -53,14 +53,15 @@ def test_limit_not_reached():
 def _agree_worker(rank, world_size):
     monitor = NonFiniteMonitor(torch.device("cpu"), start_step=0, max_nonfinite=5)
     feed(monitor, [float(rank + 1)] * 2)
-    return monitor.read(stop_requested=(rank == 1), distributed=True)
+    return monitor.read(stop_requested=(rank == 1), distributed=True, save_due=(rank == 0))
 
 
-def test_ranks_agree_on_stop():
+def test_ranks_agree_on_stop_and_save():
     from dist_utils import run_distributed
 
     states = run_distributed(_agree_worker, 2)
     assert [s["stop"] for s in states] == [True, True]  # rank 1 asked, both stop
+    assert [s["save"] for s in states] == [True, True]  # rank 0's clock said a save is due: both save
     assert [s["mean_loss"] for s in states] == [1.0, 2.0]  # the loss stays each rank's own
 
 

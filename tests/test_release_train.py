@@ -11,6 +11,7 @@ from tests.release_format import release_schedule, write_release_checkpoints
 from tests.test_release_logs import CONFIG, PREFIX, REQUIRED, SPEED
 from utils.resume import load_resume
 from utils import checkpoint as ckpt
+from utils import checkpoint_set
 from utils import release_checkpoint as rc
 from utils.distributed import DistEnv
 from utils.utils_config import get_config
@@ -118,7 +119,7 @@ def test_resume_a_release_checkpoint(tmp_path, monkeypatch):
             os.remove(out / name)
     cfg = tiny_cfg(out, "resume=True", "save_all_states=True")
     assert train.train(cfg, CPU) == {"status": "finished", "global_step": 8}
-    saved = ckpt.load(out / "checkpoint_gpu_0.pt")
+    saved = checkpoint_set.read_newest(out, 0)
     assert saved["world_size"] == 1 and saved["epoch"] == 2 and saved["global_step"] == 8
     groups = saved["state_optimizer"]["param_groups"]
     assert all(g["fused"] is True for g in groups)
@@ -149,7 +150,7 @@ def test_resume_a_release_checkpoint_on_another_world_size(tmp_path):
     # and the whole run continues on one rank: epoch 1 has 4 steps here
     cfg = tiny_cfg(tmp_path, "num_classes=11", "resume=True", "save_all_states=True")
     assert train.train(cfg, CPU) == {"status": "finished", "global_step": 6}
-    assert ckpt.load(tmp_path / "checkpoint_gpu_0.pt")["world_size"] == 1
+    assert checkpoint_set.read_newest(tmp_path, 0)["world_size"] == 1
 
 
 def test_release_scheduler_keys_map_onto_ours():

@@ -1,5 +1,5 @@
-"""utils/resume.py on its own: the checkpoint keys save_state writes, load_states restoring them, and load_resume's
-choice of file. (Re-partitioning and the cross-rank agreement are exercised in test_train.py.)"""
+"""utils/resume.py on its own: the checkpoint keys save_state writes (as a set), load_states restoring them, and
+load_resume's choice of file. (Re-partitioning and the cross-rank agreement are exercised in test_train.py.)"""
 import logging
 import os
 
@@ -8,6 +8,7 @@ import torch
 
 from lr_scheduler import PolyScheduler
 from utils import checkpoint as ckpt
+from utils import checkpoint_set
 from utils.distributed import DistEnv
 from utils.resume import load_resume, load_states, resume_training, save_state
 from utils.utils_config import get_config
@@ -26,22 +27,31 @@ def parts(seed):
     backbone, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 5, bias=False)
     optimizer = torch.optim.AdamW([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.1)
     scheduler = PolyScheduler(optimizer, 0.1, 10, 2)
-    backbone(torch.randn(2, 3)).sum().backward()
+    head(backbone(torch.randn(2, 3))).sum().backward()
     optimizer.step()
     scheduler.step()
     return backbone, head, optimizer, scheduler
 
 
 def test_save_state_keys_and_round_trip(tmp_path):
+    """Rank 0 writes the shared part, every rank its own; put together they are the per-rank dict of earlier
+    versions (the keys of checkpoint_gpu_<rank>.pt)."""
     cfg = cfg_for(tmp_path)
-    env = DistEnv(rank=1, local_rank=1, world_size=3, device=torch.device("cpu"))
     backbone, head, optimizer, scheduler = parts(0)
-    save_state(cfg, env, backbone, head, optimizer, scheduler, None, 2, 5, 17)
-    saved = ckpt.load(tmp_path / "checkpoint_gpu_1.pt")
-    assert set(saved) == KEYS  # checkpoints of earlier versions carry the same keys
+    for rank in range(3):
+        save_state(cfg, DistEnv(rank=rank, local_rank=rank, world_size=3, device=torch.device("cpu")), backbone, head,
+                   optimizer, scheduler, None, 2, 5, 17)
+    folder = tmp_path / "checkpoints" / "step_000000017"
+    assert sorted(os.listdir(folder)) == ["rank_0.done", "rank_0.pt", "rank_1.done", "rank_1.pt", "rank_2.done",
+                                          "rank_2.pt", "shared.pt"]
+    saved = checkpoint_set.read_rank_state(folder, 1)
+    assert set(saved) == KEYS
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"], saved["world_size"], saved["rank"],
             saved["network"], saved["state_scaler"]) == (2, 5, 17, 3, 1, "vit_t", {})
     assert set(saved["rng"]) == {"torch", "cuda", "numpy", "python"}
+    # only the head's optimiser state is per rank; the backbone's is in shared.pt once
+    assert set(ckpt.load(folder / "rank_1.pt")["state_optimizer_head"]) == {2}
+    assert set(ckpt.load(folder / "shared.pt")["state_optimizer"]["state"]) == {0, 1}
 
     fresh = parts(1)
     load_states(saved, *fresh, None)
@@ -56,7 +66,8 @@ def test_load_resume_without_checkpoint(tmp_path, caplog):
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING):
         assert load_resume(cfg_for(tmp_path), env, logging.getLogger("resume-test")) is None
-    assert f"resume=True but {tmp_path / 'checkpoint_gpu_0.pt'} does not exist; starting from scratch" in caplog.text
+    assert (f"resume=True but {tmp_path / 'checkpoint_gpu_0.pt'} does not exist and {tmp_path} holds no complete "
+            "checkpoint set; starting from scratch") in caplog.text
 
 
 def test_load_resume_reads_own_file(tmp_path):
@@ -85,14 +96,13 @@ def test_resume_training_position_and_rng(tmp_path):
         fresh = parts(1)
         epoch, in_epoch, global_step, rng = resume_training(cfg, one, logger, 4, *fresh, None)
         assert (epoch, in_epoch, global_step) == expected
-        assert torch.equal(rng["torch"], ckpt.load(ckpt.checkpoint_path(tmp_path, 0))["rng"]["torch"])
+        assert torch.equal(rng["torch"], checkpoint_set.read_newest(tmp_path, 0)["rng"]["torch"])
         assert torch.equal(fresh[0].weight, backbone.weight)
-    saved = ckpt.load(ckpt.checkpoint_path(tmp_path, 0))
-    saved["world_size"] = 2  # as if written by rank 0 of a 2-rank run with a one-row head shard each
-    ckpt.atomic_save(saved, ckpt.checkpoint_path(tmp_path, 0))
-    saved["rank"] = 1
-    ckpt.atomic_save(saved, ckpt.checkpoint_path(tmp_path, 1))
+    # the set of a 2-rank run with a one-row head shard each (a newer step): merged for one rank
+    for rank in range(2):
+        save_state(cfg, DistEnv(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu")), backbone,
+                   head, optimizer, scheduler, None, 2, 4, 12)
     fresh = parts(1)
     fresh[1].weight.data = torch.zeros(10, 4)  # the merged head of both shards
-    assert resume_training(cfg, one, logger, 4, *fresh, None) == (3, 0, 11, None)
+    assert resume_training(cfg, one, logger, 4, *fresh, None) == (3, 0, 12, None)
     assert torch.equal(fresh[1].weight, torch.cat([head.weight, head.weight]))

@@ -7,6 +7,7 @@ import torch
 
 import train
 from utils import checkpoint as ckpt
+from utils import checkpoint_set
 from utils import resume
 from utils.distributed import DistEnv
 from utils.utils_config import get_config
@@ -97,7 +98,7 @@ def test_dpap_and_ehsm_switches(tmp_path, monkeypatch, recording, use_dpap, use_
 
 
 def final_state(output):
-    return ckpt.load(os.path.join(output, "checkpoint_gpu_0.pt"))
+    return checkpoint_set.read_newest(output, 0)
 
 
 @pytest.mark.parametrize("stop_at,opts", [(3, ["optimizer=adamw"]), (4, ["optimizer=sgd", "lr=0.01"]),
@@ -280,7 +281,7 @@ def test_repartition_for_new_world_size(tmp_path):
     for world, expected in [(1, [(0, 11)]), (3, [(0, 4), (4, 8), (8, 11)])]:
         for rank, (start, stop) in enumerate(expected):
             env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-            out = resume.repartition_states(cfg, env, final_state(tmp_path))
+            out = resume.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 0)))
             assert torch.equal(out["state_dict_softmax_fc"]["weight"], full[start:stop])
             assert torch.equal(out["state_optimizer"]["state"][5]["exp_avg"], moment[start:stop])
             assert out["step_in_epoch"] == 2 * 2 // world  # same number of samples seen
@@ -295,7 +296,7 @@ def test_repartition_needs_every_old_checkpoint(tmp_path):
                           "state_optimizer": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}},
                          ckpt.checkpoint_path(tmp_path, rank))
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    stale = final_state(tmp_path)
+    stale = ckpt.load(ckpt.checkpoint_path(tmp_path, 0))
     stale["global_step"] = 4
     ckpt.atomic_save(stale, ckpt.checkpoint_path(tmp_path, 0))
     with pytest.raises(RuntimeError, match=r"checkpoint_gpu_0\.pt was written by a run of 2 rank\(s\) at global "
@@ -306,7 +307,7 @@ def test_repartition_needs_every_old_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint_gpu_1\.pt is missing\. The previous run used 2 ranks "
                                                 r"and all of its checkpoint files \(checkpoint_gpu_0\.pt \.\. "
                                                 r"checkpoint_gpu_1\.pt\) are needed in the output folder"):
-        resume.repartition_states(cfg, env, final_state(tmp_path))
+        resume.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 0)))
 
 
 def test_stale_checkpoint_temp_files_removed_at_startup(tmp_path):

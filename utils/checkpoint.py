@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -34,14 +35,24 @@ class CheckpointError(UserError, RuntimeError):
 
 def atomic_save(obj, path):
     """torch.save `obj` to `path` so that `path` is never a partial file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file, fsync it and rename it over `path`. A full disk raises DiskFullError
+    naming `path` and the free space; the temporary file is removed and an existing `path` is left as it was."""
     path = os.fspath(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(_Writes(f))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path) from error
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -50,6 +61,34 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _Writes:
+    """A file seen only through write(): torch.save then passes an OSError of the write on unchanged (given the file
+    itself it reports a full disk as an opaque RuntimeError)."""
+
+    def __init__(self, f):
+        self.write, self.flush = f.write, f.flush
+
+
+class DiskFullError(UserError):
+    """A save ran out of disk space (or quota): one line naming the file and the free space left."""
+
+    def __init__(self, path):
+        folder = os.path.dirname(os.path.abspath(path))
+        super().__init__(f"cannot write checkpoint {path}: no space left on the device ({free_space(folder)} free in "
+                         f"{folder}); the previous checkpoint is kept; free some space or point output= elsewhere, "
+                         "then resume")
+
+
+def free_space(folder):
+    """Free bytes of the filesystem holding `folder`, human readable (e.g. '1.5 GiB')."""
+    size = float(shutil.disk_usage(folder).free)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def temp_path(path):

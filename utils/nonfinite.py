@@ -34,18 +34,19 @@ class NonFiniteMonitor:
         self.window_steps += 1
 
     @torch.no_grad()
-    def read(self, stop_requested, distributed):
-        """-> dict(stop, consecutive, window_bad, last_bad, tripped, window_steps, mean_loss, finite_steps). The stop
-        flag and the counters are all-reduced MAX over ranks (counters are already equal: found_inf is all-reduced
-        each step); the loss is this rank's own."""
-        agreed = torch.stack([torch.full_like(self.consecutive, float(bool(stop_requested))), self.consecutive,
+    def read(self, stop_requested, distributed, save_due=False):
+        """-> dict(stop, save, consecutive, window_bad, last_bad, tripped, window_steps, mean_loss, finite_steps). The
+        stop and save flags and the counters are all-reduced MAX over ranks (counters are already equal: found_inf
+        is all-reduced each step); the loss is this rank's own."""
+        flags = [float(bool(stop_requested)), float(bool(save_due))]
+        agreed = torch.stack([*(torch.full_like(self.consecutive, flag) for flag in flags), self.consecutive,
                               self.window_bad, self.last_bad, self.tripped])
         if distributed:
             all_reduce_max(agreed)
-        stop, consecutive, window_bad, last_bad, tripped, loss_sum = torch.cat(
+        stop, save, consecutive, window_bad, last_bad, tripped, loss_sum = torch.cat(
             [agreed, self.loss_sum.to(torch.float64).reshape(1)]).tolist()  # the one host read
         finite = self.window_steps - int(window_bad)
-        out = {"stop": bool(stop), "consecutive": int(consecutive), "window_bad": int(window_bad),
+        out = {"stop": bool(stop), "save": bool(save), "consecutive": int(consecutive), "window_bad": int(window_bad),
                "last_bad": int(last_bad), "tripped": int(tripped), "window_steps": self.window_steps,
                "mean_loss": loss_sum / finite if finite else None, "finite_steps": finite}
         self.window_bad.zero_()

@@ -122,6 +122,11 @@ def resolve_derived(cfg, config_path):
         raise ConfigError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    for key in ("save_every_steps", "save_every_minutes"):
+        if cfg[key] < 0:
+            raise ConfigError(f"config field {key} must be >= 0 (0: off), got {cfg[key]!r}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"config field keep_checkpoints must be >= 1, got {cfg.keep_checkpoints!r}")
     if cfg.output is None:
         cfg.output = os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
