@@ -3,7 +3,7 @@
     python bench/checkpoint.py                                   # sizes of the six released configs + rehearsal
     python bench/checkpoint.py --rehearse configs/ms1mv2_vit_l.py --repeats 3
 
-1. Sizes, exact and without training: for each released config on 8 ranks, the tensor bytes of one save. A set
+1. Sizes, exact and without training: for each example config for 8 GPUs (released and WebFace), on 8 ranks, the tensor bytes of one save. A set
    writes the backbone's fp32 weights and buffers, its AdamW moments (exp_avg, exp_avg_sq) and step counters once
    (shared.pt), and per rank the Partial FC shard with its two moments (rank_<r>.pt); the single-file layout of
    earlier versions wrote the backbone part on every rank. Parameter counts come from the network built on the meta
@@ -39,8 +39,9 @@ from utils.distributed import DistEnv  # noqa: E402
 from utils.resume import save_state  # noqa: E402
 from utils.utils_config import get_config  # noqa: E402
 
-RELEASED = [os.path.join(ROOT, "configs", f"{data}_vit_{size}.py") for data in ("ms1mv2", "glint360k")
-            for size in "sbl"]
+# the example configs for 8 GPUs: the six released ones, then the WebFace ones
+CONFIGS = [os.path.join(ROOT, "configs", f"{data}_vit_{size}.py")
+           for data in ("ms1mv2", "glint360k", "wf4m", "wf12m", "wf42m") for size in "sbl"]
 WORLD = 8
 GB = 1e9
 
@@ -143,7 +144,7 @@ def main():
     print("| config | backbone params | shared.pt (once) | rank-0 shard file | set, all ranks | single files, all "
           "ranks (before) | GPU stall rank 0 | background write | blocking write before |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for path in RELEASED:
+    for path in CONFIGS:
         cfg = get_config(path)
         b = set_bytes(cfg)
         rank0 = b["shared"] + b["rank0"]
