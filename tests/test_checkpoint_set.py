@@ -14,6 +14,7 @@ from tests.test_train import CPU, tiny_cfg
 from utils import checkpoint as ckpt
 from utils import checkpoint_set
 from utils.background import BackgroundJob
+from utils.model_loading import read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = ["num_image=32", "num_epoch=2", "dpap_prob=1.0"]  # 4 steps per epoch, 8 in all
@@ -120,6 +121,8 @@ def test_backbone_from_every_checkpoint_format(whole, tmp_path):
     for path in (whole, newest, os.path.join(newest, "shared.pt")):
         state = checkpoint_set.backbone_state_dict(path)
         assert state.keys() == model.keys()
+    shared = read_state_dict(os.path.join(newest, "shared.pt"))  # what the evaluation tools load
+    assert all(torch.equal(shared[k], v) for k, v in checkpoint_set.backbone_state_dict(whole).items())
     assert all(torch.equal(checkpoint_set.backbone_state_dict(whole)[k], v)
                for k, v in checkpoint_set.read_newest(whole, 0)["state_dict_backbone"].items())
     # the single-file checkpoint_gpu_<rank>.pt of earlier versions, and the release's
