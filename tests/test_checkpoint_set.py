@@ -135,3 +135,21 @@ def test_backbone_from_every_checkpoint_format(whole, tmp_path):
     assert all(torch.equal(state[k], v) for k, v in saved["state_dict_backbone"].items())
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint set"):
         checkpoint_set.backbone_state_dict(tmp_path / "release")
+
+
+def test_bench_byte_count_matches_the_files(whole):
+    """bench/checkpoint.py's exact tensor bytes of a set against the files a real save wrote (a world of one): the
+    files add only the zip and pickle framing."""
+    from bench.checkpoint import set_bytes
+
+    cfg = tiny_cfg(whole, *STEPS)
+    counted = set_bytes(cfg, world_size=1)
+    head_bytes = cfg.num_classes * cfg.embedding_size * 4 * 3 + 4  # weights, two moments, step
+    assert counted["rank0"] == head_bytes and counted["total"] == counted["shared"] + head_bytes
+    assert counted["single_file_total"] == counted["total"]  # one rank: nothing was written twice
+    folder = checkpoint_set.set_dir(whole, 6)
+    shared, own = (os.path.getsize(os.path.join(folder, n)) for n in ("shared.pt", "rank_0.pt"))
+    assert counted["shared"] < shared < counted["shared"] + 200_000
+    assert counted["rank0"] < own < counted["rank0"] + 40_000  # RNG states: ~10 KB
+    eight = set_bytes(cfg, world_size=8)
+    assert eight["single_file_total"] - eight["total"] == 7 * eight["shared"]
