@@ -91,12 +91,14 @@ def test_figure_overlays_runs(tmp_path):
     fig = pt.plot([pt.read_run(str(tmp_path / "a"), "release"), pt.read_run(str(tmp_path / "b.log"), "ours")],
                   str(tmp_path / "again.png"))
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[:5] == ["loss", "learning rate", "samples/s (all ranks)", "cfp_fp accuracy (flip)",
-                          "lfw accuracy (flip)"]
+    assert titles[:6] == ["loss", "learning rate", "samples/s (all ranks)", "fp16 grad scale",
+                          "cfp_fp accuracy (flip)", "lfw accuracy (flip)"]
     lr_lines = fig.axes[1].get_lines()
     assert [line.get_label() for line in lr_lines] == ["release", "ours"]
     assert list(lr_lines[1].get_xdata()) == [250, 260] and list(lr_lines[1].get_ydata()) == [0.00095, 1.5e-05]
-    lfw = fig.axes[4].get_lines()
+    scale = fig.axes[3].get_lines()
+    assert list(scale[0].get_ydata()) == [65536] and list(scale[1].get_ydata()) == [1024]
+    lfw = fig.axes[5].get_lines()
     assert list(lfw[0].get_ydata()) == [0.995] and len(lfw[1].get_xdata()) == 0  # "ours" has no lfw
 
 
@@ -105,3 +107,76 @@ def test_unparsable_log_is_one_clear_error(tmp_path):
     path.write_text("hello\n")
     with pytest.raises(ValueError, match="training.log: no 'Speed"):
         pt.read_run(str(path))
+
+
+# What `python tools/plot_training.py --release all` prints for the release's logs (docs/training.md quotes it).
+RELEASE_SUMMARIES = {
+    "vit_s": "TransFace-S (release, MS1MV2): steps 20..49730 of 49735; loss 73.50 at step 20 (start), 14.49 at step "
+             "4260 (warm-up end: 4263), 5.82 at step 14210 (after 10 epochs), 0.78 at step 49730 (end); LR peak "
+             "0.001 at step 4270; fp16 grad scale 2^16..2^20, 2^17 on 91 % of the lines, 191 drops (one per 260 "
+             "steps)",
+    "vit_b": "TransFace-B (release, MS1MV2): steps 20..49730 of 49735; loss 75.24 at step 20 (start), 16.56 at step "
+             "4260 (warm-up end: 4263), 6.12 at step 14210 (after 10 epochs), 0.71 at step 49730 (end); LR peak "
+             "0.001 at step 4270; fp16 grad scale 2^16..2^19, 2^17 on 84 % of the lines, 250 drops (one per 199 "
+             "steps)",
+    "vit_l": "TransFace-L (release, MS1MV2): steps 20..49730 of 49735; loss 74.98 at step 20 (start), 15.02 at step "
+             "4260 (warm-up end: 4263), 4.81 at step 14210 (after 10 epochs), 0.28 at step 49730 (end); LR peak "
+             "0.001 at step 4270; fp16 grad scale 2^16..2^20, 2^17 on 59 % of the lines, 279 drops (one per 178 "
+             "steps)",
+}
+
+
+def test_release_logs():
+    run = pt.read_release("vit_s")
+    assert run["total_step"] == 49735 and run["warmup_step"] == 4263
+    steps, losses = run["loss"]
+    assert len(steps) == 4972 and steps[:2] == [20, 30] and steps[-1] == 49730 and set(np.diff(steps)) == {10}
+    assert losses[:2] == [73.5045, 73.0466] and losses[-1] == 0.7836
+    assert run["lr"][1][:2] == [4e-06, 7e-06] and run["epoch"][1][-1] == 34 and run["scale"][1][0] == 65536
+    assert run["speed"] == ([], [])  # 8 GPUs of the authors' machine: not a figure to compare with
+    # The release's schedule is this repository's PolyScheduler: its log shows lr(step - 1) with 6 decimals.
+    import torch
+
+    from lr_scheduler import PolyScheduler
+
+    schedule = PolyScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), 1e-3, 49735, 4263)
+    assert max(abs(lr - schedule.lr_at(step - 1)) for step, lr in zip(*run["lr"])) <= 5e-7 + 1e-12
+
+
+@pytest.mark.parametrize("name", ["vit_s", "vit_b", "vit_l"])
+def test_release_summary(name):
+    assert pt.summary(pt.read_release(name)) == RELEASE_SUMMARIES[name]
+
+
+def test_summary_and_fraction_axis_of_a_run_over_the_release(tmp_path):
+    """A run's config dump gives its total and warm-up steps; with --release every x is step / total_step."""
+    lines = ["Training: 2026-12-06 10:00:00,000-: warmup_step              62",
+             "Training: 2026-12-06 10:00:00,000-: total_step               434"]
+    for step in range(10, 440, 10):
+        lines.append(f"Training: 2026-12-06 10:00:01,000-Speed 150.00 samples/sec   Loss {80 - step / 10:.4f}   "
+                     f"LearningRate {min(step / 62, 1) * 1e-3:.6f}   Epoch: {step // 62}   Global Step: {step}   "
+                     "Required: 0 hours")
+    lines.append("Training: 2026-12-06 10:00:09,000-[lfw][434]Accuracy-Flip: 0.95833+-0.01000")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "training.log").write_text("\n".join(lines) + "\n")
+    run = pt.read_run(str(tmp_path / "demo"))
+    assert run["total_step"] == 434 and run["warmup_step"] == 62 and run["scale"] == ([], [])
+    assert pt.summary(run) == ("demo: steps 10..430 of 434; loss 79.00 at step 10 (start), 74.00 at step 60 "
+                               "(warm-up end: 62), 37.00 at step 430 (end); LR peak 0.001 at step 70")
+    fig = pt.plot([run, pt.read_release("vit_b")], str(tmp_path / "c.png"), fraction=True)
+    loss = fig.axes[0]
+    assert loss.get_xlabel().startswith("fraction of training") and loss.get_yscale() == "log"
+    ours, release = loss.get_lines()
+    assert list(ours.get_xdata()) == [step / 434 for step in range(10, 440, 10)]
+    assert release.get_xdata()[0] == 20 / 49735 and release.get_xdata()[-1] == 49730 / 49735
+    lfw = next(ax for ax in fig.axes if ax.get_title() == "lfw accuracy (flip)")
+    assert list(lfw.get_lines()[0].get_xdata()) == [1.0]  # lfw after the last step
+
+
+def test_release_alone_and_usage(tmp_path, capsys):
+    pt.main(["--release", "all", "-o", str(tmp_path / "r.png")])
+    out = capsys.readouterr().out.splitlines()
+    assert out == [RELEASE_SUMMARIES[name] for name in ("vit_s", "vit_b", "vit_l")] + [f"wrote {tmp_path / 'r.png'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        pt.main(["-o", str(tmp_path / "r.png")])
+    assert exit_info.value.code == 2

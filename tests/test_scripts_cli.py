@@ -276,7 +276,8 @@ def test_plot_training_on_a_log(tmp_path):
         "Training: 2023-03-17 10:11:12,345-[lfw][50]Accuracy-Flip: 0.90000+-0.01000\n")
     proc = run(["tools/plot_training.py", str(log.parent), "-o", str(tmp_path / "curves.png")])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == "run: steps 10..50, verification targets ['lfw']"
+    assert proc.stdout.splitlines()[0] == ("run: steps 10..50; loss 69.00 at step 10 (start), 65.00 at step 50 (end); "
+                                           "LR peak 0.0001 at step 10; verification targets ['lfw']")
     assert cv2.imread(str(tmp_path / "curves.png")) is not None
 
 
