@@ -9,6 +9,7 @@ from the released train.py are described in docs/training_loop.md.
 """
 import argparse
 import contextlib
+import logging
 import os
 import random
 import sys
@@ -27,7 +28,9 @@ from lr_scheduler import PolyScheduler
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.amp import AMP_DTYPES, resolve_amp
-from utils.distributed import all_reduce_max, barrier, cleanup_distributed, setup_distributed, wrap_ddp
+from utils.cli import UserError
+from utils.distributed import (all_reduce_max, barrier, cleanup_distributed, failure_line, setup_distributed,
+                               wrap_ddp)
 from utils.nonfinite import NonFiniteMonitor, log_window
 from utils.resume import CheckpointSaver, resume_training
 from utils.stop import StopRequest
@@ -305,7 +308,7 @@ def train(cfg, env, stop=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = get_config(args.config, args.opts)
-    env = setup_distributed(args.local_rank)
+    env = setup_distributed(args.local_rank, cfg.dist_timeout_minutes)
     stop = StopRequest().install()  # SIGTERM/SIGINT: save after the current step, on every rank together
     code = 0
     try:
@@ -315,6 +318,11 @@ def main(argv=None):
         elif result["status"] == "preempted":
             print(f"rank {env.rank}: {stop.reason()}; state saved at global step {result['global_step']}",
                   file=sys.stderr)
+    except Exception as error:  # a dead or hung peer, OOM, ...: say which rank failed where (a user error says itself)
+        if env.distributed and not isinstance(error, UserError):
+            logging.getLogger("transface").error(failure_line(env.rank, stop.global_step, cfg.dist_timeout_minutes,
+                                                              error))
+        raise
     finally:
         cleanup_distributed()
     if env.distributed:

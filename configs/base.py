@@ -57,3 +57,5 @@ config.compile = False  # torch.compile the backbone (same numerics, faster step
 config.save_every_steps = 0
 config.save_every_minutes = 0.0  # agreed by the ranks at the logging interval (every `frequent` steps)
 config.keep_checkpoints = 2  # complete checkpoint sets kept (the newest); 2 leaves one to fall back on
+config.dist_timeout_minutes = 10.0  # a collective waiting longer fails (a hung or dead rank ends the job instead of
+# blocking it); above the longest legitimate wait: rank 0's verification, a checkpoint save (docs/cluster.md)

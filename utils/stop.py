@@ -8,6 +8,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = None
+        self.global_step = None  # the last step polled (the last finished optimiser step), for failure messages
 
     def install(self, signals=(signal.SIGTERM, signal.SIGINT)):
         for sig in signals:
@@ -18,6 +19,7 @@ class StopRequest:
         self.signum = signum  # nothing else may run inside a signal handler between two kernels
 
     def __call__(self, global_step):
+        self.global_step = global_step
         return self.signum is not None
 
     def reason(self):
