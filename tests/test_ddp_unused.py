@@ -26,8 +26,8 @@ class FixedHead(torch.nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.register_buffer("weight", F.normalize(torch.randn(CLASSES, dim, generator=torch.Generator().manual_seed(1)),
-                                                   dim=1))
+        centres = torch.randn(CLASSES, dim, generator=torch.Generator().manual_seed(1))
+        self.register_buffer("weight", F.normalize(centres, dim=1))
 
     def forward(self, embeddings, labels, weights=None):
         loss = F.cross_entropy(16 * F.normalize(embeddings) @ self.weight.T, labels, reduction="none")

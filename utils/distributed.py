@@ -104,7 +104,8 @@ def wrap_ddp(module, env):
 def failure_line(rank, global_step, timeout_minutes, error):
     """The line a rank logs when training fails with several ranks: the rank, the step, the error on one line; for a
     collective's timeout also what it means. `global_step` is the last finished optimiser step (None: none yet)."""
-    where = "before its first optimiser step" if global_step is None else f"in global step {global_step + 1}"
+    where = ("before the first optimiser step of this start" if global_step is None
+             else f"in global step {global_step + 1}")
     line = f"rank {rank} failed {where}: {type(error).__name__}: {' '.join(str(error).split())}"
     if "timed out" in line.lower():
         line += (f" (a collective waited dist_timeout_minutes={timeout_minutes:g} for a rank that hung or died; "
