@@ -119,7 +119,8 @@ def load_features(path, num_images):
 
 
 def tar_row_name(target):
-    """The release names the TAR row "<score file stem>-<target>" (ijbc-IJBC), whatever --job is."""
+    """The release names the TAR row "<score file stem>-<target>" (ijbc-IJBC), whatever --job is; the 1:N row
+    takes the same name so both tables of one run agree."""
     return f"{target.lower()}-{target}"
 
 
@@ -155,10 +156,10 @@ def run_1n(args, unique_templates, template_feats, out_dir, name):
     from prettytable import PrettyTable
 
     table = PrettyTable(["Methods"] + list(results))
-    table.add_row([f"{args.job}-{args.target}"] + [f"{v * 100:.2f}" for v in results.values()])
+    table.add_row([tar_row_name(args.target)] + [f"{v * 100:.2f}" for v in results.values()])
     print(f"1:N identification (%), galleries {'/'.join(ijb.GALLERIES[args.target])}:")
     print(table)
-    write_table(os.path.join(out_dir, f"{name}_1n"), list(results), f"{args.job}-{args.target}",
+    write_table(os.path.join(out_dir, f"{name}_1n"), list(results), tar_row_name(args.target),
                 [v * 100 for v in results.values()])
     return results
 
@@ -189,6 +190,7 @@ def main(argv=None):
     scores = ijb.pair_scores(unique_templates, template_feats, meta["t1"], meta["t2"])
     tar, fpr, tpr = ijb.tar_at_far(meta["label"], scores)
 
+    print("1:1 verification, TAR (%) at FAR:")
     print(tar_table(args.target, tar))
     np.save(os.path.join(out_dir, f"{name}.npy"), scores)
     np.savez(os.path.join(out_dir, f"{name}_roc.npz"), fpr=fpr, tpr=tpr, label=f"{args.job}-{args.target}")

@@ -33,7 +33,8 @@ def evaluate(weights, data, result_dir, job):
 
 def test_trained_model_beats_untrained_by_a_wide_margin(tmp_path):
     data = str(tmp_path / "demo_data")
-    generate(data, seed=1, num_train_ids=40, images_per_id=12, num_test_ids=16, bin_pairs=40, progress=False)
+    generate(data, seed=1, num_train_ids=40, images_per_id=12, num_test_ids=16, bin_pairs=40, templates_per_id=3,
+             progress=False)
     output = str(tmp_path / "run")
     kwargs = {key: value for key, value in NETWORK_KWARGS.items() if key != "num_features"}
     subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--opts", f"rec={data}/train",

@@ -1,0 +1,68 @@
+"""tools/demo.py run as a user runs it, at a reduced budget: a quiet console (progress bars, result tables, the band
+comparison; the config dump and release-format lines only in training.log), and a result inside the reduced
+budget's own band, measured with tools/demo_band.py over 5 seeds x bf16/float32."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tools import demo
+from tools.make_demo_data import generate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REDUCED_OPTS = ["network_kwargs={'embed_dim': 64, 'depth': 2, 'num_heads': 4, 'patch_size': 14}", "embedding_size=64",
+                "num_classes=40", "num_image=480", "batch_size=32", "num_epoch=6", "verbose=15", "frequent=5",
+                "save_all_states=False"]
+# python tools/demo_band.py --data <generate() below> --output <dir> --opts <REDUCED_OPTS>, 2048-2052 x bf16/none
+REDUCED_BAND = {"TAR@1e-2": (None, None), "rank-1": (None, None), "lfw": (None, None)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data, output = str(root / "demo_data"), str(root / "run")
+    generate(data, seed=1, num_train_ids=40, images_per_id=12, num_test_ids=16, bin_pairs=40, templates_per_id=3,
+             progress=False)
+    band = {"command": "reduced", "runs": [dict(amp="bf16", seed=0, **{m: low for m, (low, _) in REDUCED_BAND.items()}),
+                                           dict(amp="none", seed=1, **{m: high for m, (_, high) in REDUCED_BAND.items()})]}
+    with open(root / "band.json", "w") as handle:
+        json.dump(band, handle)
+    proc = subprocess.run([sys.executable, "tools/demo.py", "--data", data, "--band", str(root / "band.json"),
+                           "--opts", f"output={output}", *REDUCED_OPTS], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, output
+
+
+def test_console_is_quiet_and_the_log_complete(run):
+    proc, output = run
+    assert not re.search(r"^Training: ", proc.stdout, re.M), proc.stdout  # no config dump, no release log lines
+    assert "Warning" not in proc.stderr and "warning" not in proc.stdout.lower()
+    for bar in ("training: 100%", "embedding: 100%"):
+        assert bar in proc.stderr
+    assert proc.stdout.count("| ijbc-IJBC |") == 2  # 1:1 and 1:N rows share the release's name
+    with open(os.path.join(output, "training.log")) as handle:
+        log = handle.read()
+    assert re.search(r"^Training: [\d-]+ [\d:,]+-: network +vit_t$", log, re.M)
+    assert len(re.findall(r"Global Step: \d+ ", log)) == 6 * 15 // 5 - 1  # every 5 steps but the first
+    assert len(re.findall(r"\[lfw\]\[\d+\]Accuracy-Flip", log)) == 6  # every epoch end
+
+
+def test_result_inside_the_reduced_band(run):
+    proc, output = run
+    result = demo.read_results(output)
+    for metric, (low, high) in REDUCED_BAND.items():
+        assert low <= result[metric] <= high, (metric, result[metric])
+    assert "inside the band: yes" in proc.stdout
+
+
+def test_band_table_flags_a_result_outside():
+    band = demo.band_of([{m: 90.0 for m in demo.METRICS}, {m: 92.0 for m in demo.METRICS}])
+    assert band["TAR@1e-3"] == (91.0, 90.0, 92.0)
+    _, inside = demo.band_table(dict.fromkeys(demo.METRICS, 91.5), band)
+    assert inside
+    _, inside = demo.band_table(dict(dict.fromkeys(demo.METRICS, 91.5), lfw=92.1), band)
+    assert not inside
