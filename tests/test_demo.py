@@ -16,8 +16,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED_OPTS = ["network_kwargs={'embed_dim': 64, 'depth': 2, 'num_heads': 4, 'patch_size': 14}", "embedding_size=64",
                 "num_classes=40", "num_image=480", "batch_size=32", "num_epoch=6", "verbose=15", "frequent=5",
                 "save_all_states=False"]
-# python tools/demo_band.py --data <generate() below> --output <dir> --opts <REDUCED_OPTS>, 2048-2052 x bf16/none
-REDUCED_BAND = {"TAR@1e-2": (None, None), "rank-1": (None, None), "lfw": (None, None)}
+# min and max over `python tools/demo_band.py --data <generate() below> --output <dir> --opts <REDUCED_OPTS>`
+# (seeds 2048-2052 x bf16/float32), measured 2026-12-06 on the 2-core CPU machine; the test set has 48 genuine pairs
+# and 32 probes, lfw.bin 40 pairs
+REDUCED_BAND = {"TAR@1e-4": (22.92, 54.17), "TAR@1e-3": (39.58, 60.42), "TAR@1e-2": (60.42, 75.00),
+                "rank-1": (84.38, 100.00), "lfw": (75.00, 95.00)}
+# another machine's kernels may land a step outside: one genuine pair, one probe, one lfw pair
+TOLERANCE = {"TAR@1e-4": 100 / 48, "TAR@1e-3": 100 / 48, "TAR@1e-2": 100 / 48, "rank-1": 100 / 32, "lfw": 100 / 40}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +31,9 @@ def run(tmp_path_factory):
     data, output = str(root / "demo_data"), str(root / "run")
     generate(data, seed=1, num_train_ids=40, images_per_id=12, num_test_ids=16, bin_pairs=40, templates_per_id=3,
              progress=False)
-    band = {"command": "reduced", "runs": [dict(amp="bf16", seed=0, **{m: low for m, (low, _) in REDUCED_BAND.items()}),
-                                           dict(amp="none", seed=1, **{m: high for m, (_, high) in REDUCED_BAND.items()})]}
+    lows = {m: low - TOLERANCE[m] for m, (low, _) in REDUCED_BAND.items()}
+    highs = {m: high + TOLERANCE[m] for m, (_, high) in REDUCED_BAND.items()}
+    band = {"command": "reduced", "runs": [dict(amp="bf16", seed=0, **lows), dict(amp="none", seed=1, **highs)]}
     with open(root / "band.json", "w") as handle:
         json.dump(band, handle)
     proc = subprocess.run([sys.executable, "tools/demo.py", "--data", data, "--band", str(root / "band.json"),
@@ -55,7 +61,7 @@ def test_result_inside_the_reduced_band(run):
     proc, output = run
     result = demo.read_results(output)
     for metric, (low, high) in REDUCED_BAND.items():
-        assert low <= result[metric] <= high, (metric, result[metric])
+        assert low - TOLERANCE[metric] <= result[metric] <= high + TOLERANCE[metric], (metric, result[metric])
     assert "inside the band: yes" in proc.stdout
 
 
