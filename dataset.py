@@ -3,13 +3,17 @@
 get_dataloader() chooses like arcface_torch (docs/data.md): "synthetic" -> one fixed image; a folder with
 train.rec + train.idx -> RecordIO; anything else -> ImageFolder (one sub-folder per identity).
 """
+import hashlib
 import os
 import random
+import zipfile
+from array import array
 from functools import partial
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.distributed import rank_and_world_size
@@ -19,6 +23,7 @@ from utils.recordio import (RecordIOError, IndexedRecordReader, decode_image, id
 IMAGE_SIZE = 112
 SYNTHETIC_LENGTH = 1_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+LISTING_FORMAT = 1  # bump when the cached listing's layout changes
 
 
 def to_tensor(img_rgb, flip):
@@ -100,34 +105,132 @@ class MXFaceDataset(FlipMixin, Dataset):
         return to_tensor(img, self.flip and self.draw_flip(index)), torch.tensor(label, dtype=torch.int64)
 
 
+class Strings:
+    """Many strings as one UTF-8 byte array and an int64 offset array: ~(length + 8) bytes each instead of a Python
+    object each, and forked DataLoader workers share the pages (no reference counts are written)."""
+
+    def __init__(self, blob, offsets):
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def build(cls, strings):
+        blob, offsets = bytearray(), array("q", [0])
+        for text in strings:
+            blob += text.encode("utf-8", "surrogateescape")
+            offsets.append(len(blob))
+        return cls(np.frombuffer(bytes(blob), dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64))
+
+    def __len__(self):
+        return self.offsets.size - 1
+
+    def __getitem__(self, i):
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+
+def scan_image_folder(root):
+    """The sorted identity folders of `root`, the sorted image files of each, and starts[c] = index of class c's first
+    image (like torchvision's ImageFolder order)."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    starts = array("q", [0])
+
+    def files():
+        for name in classes:
+            names = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            starts.append(starts[-1] + len(names))
+            yield from names
+
+    images = Strings.build(files())
+    return {"classes": Strings.build(classes), "images": images, "starts": np.frombuffer(starts, dtype=np.int64)}
+
+
+def folder_key(root):
+    """Changes when identity folders are added, removed or renamed (the folder's mtime and link count), or when the
+    path names another folder. Files changed inside an existing identity folder do not change it."""
+    st = os.stat(root)
+    return f"{LISTING_FORMAT} {os.path.abspath(root)} {st.st_dev} {st.st_ino} {st.st_mtime_ns} {st.st_nlink}"
+
+
+def listing_cache_path(root):
+    """<root>.listing.npz next to the folder, or under ~/.cache/transface when its parent is read-only."""
+    root = os.path.abspath(root)
+    if os.access(os.path.dirname(root), os.W_OK):
+        return root + ".listing.npz"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "transface", hashlib.sha1(root.encode("utf-8", "surrogateescape")).hexdigest() +
+                        ".listing.npz")
+
+
+def load_listing(path, key):
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                return None
+            return {"classes": Strings(f["class_blob"], f["class_offsets"]),
+                    "images": Strings(f["image_blob"], f["image_offsets"]), "starts": f["starts"]}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def save_listing(path, key, listing):
+    """Atomically (a temporary file renamed), so a reader never sees half a file; an unwritable place is skipped."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), class_blob=listing["classes"].blob,
+                     class_offsets=listing["classes"].offsets, image_blob=listing["images"].blob,
+                     image_offsets=listing["images"].offsets, starts=listing["starts"])
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def folder_listing(root):
+    """scan_image_folder(root) listed once: read from the cache file when the folder has not changed since it was
+    written. Under torch.distributed rank 0 lists and writes the cache while the other ranks wait, then read it."""
+    key, path = folder_key(root), listing_cache_path(root)
+    rank, world_size = rank_and_world_size()
+    listing = load_listing(path, key)
+    if listing is None and rank == 0:
+        listing = scan_image_folder(root)
+        save_listing(path, key, listing)
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+    if listing is None:  # another rank's cache; or no shared file system: list here
+        listing = load_listing(path, key) or scan_image_folder(root)
+    return listing
+
+
 class ImageFolderDataset(FlipMixin, Dataset):
-    """root/<identity>/<image>: classes are the sorted sub-folder names (like torchvision ImageFolder)."""
+    """root/<identity>/<image>: classes are the sorted sub-folder names (like torchvision ImageFolder). The listing
+    is cached next to the folder (folder_listing), so a 42 M-image tree is listed once, not by every rank."""
 
     def __init__(self, root_dir, num_classes=None, resize=False, flip=True):
         if not os.path.isdir(root_dir):
             raise RecordIOError(f"{root_dir}: neither 'synthetic', a folder with train.rec/train.idx, nor a folder")
-        classes = sorted(e.name for e in os.scandir(root_dir) if e.is_dir())
-        self.samples = []
-        for label, name in enumerate(classes):
-            folder = os.path.join(root_dir, name)
-            for fname in sorted(os.listdir(folder)):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    self.samples.append((os.path.join(folder, fname), label))
-        if not self.samples:
+        listing = folder_listing(root_dir)
+        self.class_names, self.images, self.starts = listing["classes"], listing["images"], listing["starts"]
+        if len(self.images) == 0:
             raise RecordIOError(f"{root_dir}: no images found (expected root/<identity>/<image>{IMAGE_EXTENSIONS[0]}, "
                                 f"no train.rec/train.idx either)")
-        if num_classes is not None and len(classes) > num_classes:
-            raise RecordIOError(f"{os.path.join(root_dir, classes[num_classes])}: class folder gets label "
+        if num_classes is not None and len(self.class_names) > num_classes:
+            raise RecordIOError(f"{os.path.join(root_dir, self.class_names[num_classes])}: class folder gets label "
                                 f"{num_classes} but num_classes is {num_classes}")
-        self.classes, self.num_classes, self.resize, self.flip = classes, num_classes, resize, flip
+        self.root, self.num_classes, self.resize, self.flip = root_dir, num_classes, resize, flip
         self.epoch = 0
         self.seed_flips(0)
 
+    @property
+    def classes(self):
+        return [self.class_names[c] for c in range(len(self.class_names))]
+
     def __len__(self):
-        return len(self.samples)
+        return len(self.images)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
+        label = int(np.searchsorted(self.starts, index, side="right")) - 1
+        path = os.path.join(self.root, self.class_names[label], self.images[index])
         with open(path, "rb") as f:
             img = check_size(decode_image(f.read(), path), self.resize, path)
         return to_tensor(img, self.flip and self.draw_flip(index)), torch.tensor(label, dtype=torch.int64)
