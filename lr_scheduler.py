@@ -9,6 +9,8 @@ each optimizer step therefore trains iteration t (1-based) with lr(t-1).
 The release instead evaluates lr(0) in its constructor and then resets the counter, so its iterations 1 and 2
 both use lr(0)=0 and iteration t>=2 uses lr(t-2) (its logged LR at step t is lr(t-1)). We do not reproduce
 that one-iteration lag; the values lr(e) are the release's.
+A parameter group with an "lr_scale" entry (the backbone's when fine-tuning, finetune.py) trains with
+lr(e) * lr_scale; every group of the released optimiser has scale 1.
 """
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -30,11 +32,11 @@ class PolyScheduler(LRScheduler):
         return self.base_lr * max(frac, 0.0) ** self.power
 
     def get_lr(self):
-        # the release uses one base lr for every parameter group
-        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+        # the release uses one base lr for every parameter group (lr_scale 1)
+        return [self.lr_at(self.last_epoch) * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         # resume exactly even if the optimizer's own state (which holds the lr) is not restored
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.last_epoch)
+            group["lr"] = self.lr_at(self.last_epoch) * group.get("lr_scale", 1.0)

@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from backbones import get_model
 from dataset import get_dataloader
+import finetune
 from dpap import dpap
 from losses import CombinedMarginLoss, ehsm_weights
 from lr_scheduler import PolyScheduler
@@ -32,7 +33,7 @@ from utils.cli import UserError
 from utils.distributed import (all_reduce_max, barrier, cleanup_distributed, failure_line, setup_distributed,
                                wrap_ddp)
 from utils.nonfinite import NonFiniteMonitor, log_window
-from utils.resume import CheckpointSaver, resume_training
+from utils.resume import CheckpointSaver
 from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
@@ -105,8 +106,12 @@ def count_steps(cfg, loader_len, world_size):
 
 def build_optimizer(cfg, backbone, head):
     """Fused AdamW / SGD (CPU and CUDA): their kernels take a device-side `found_inf` and skip the whole update when
-    it is non-zero, so a non-finite step is skipped without reading anything on the host."""
-    groups = [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}]
+    it is non-zero, so a non-finite step is skipped without reading anything on the host. The backbone's groups carry
+    their LR multipliers (finetune.py), the head is the last group."""
+    if cfg.backbone_lr_scale == 0:  # frozen: autograd records nothing in the backbone, no backward runs through it
+        backbone.requires_grad_(False)
+    groups = finetune.backbone_param_groups(backbone, cfg.backbone_lr_scale, cfg.layer_decay)
+    groups.append({"params": list(head.parameters())})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -123,7 +128,7 @@ def build_model(cfg, env, amp_dtype, total_step, warmup_step):
     head.register_optimizer(optimizer)
     scheduler = PolyScheduler(optimizer, cfg.lr, total_step, warmup_step)
     scaler = torch.amp.GradScaler("cuda", growth_interval=100) if amp_dtype == torch.float16 else None
-    backbone.train()
+    backbone.train(cfg.backbone_lr_scale > 0)  # a frozen backbone runs as in evaluation (no BN updates, no masking)
     head.train()
     return backbone, head, optimizer, scheduler, scaler
 
@@ -213,16 +218,17 @@ def train(cfg, env, stop=None):
     tests a lambda). -> {"status": "finished" | "preempted" | "nonfinite", "global_step": int}."""
     # ---- setup, data
     logger, amp_dtype, autocast = setup(cfg, env)
+    cfg = finetune.fit_to_batch(cfg, env.world_size, logger)  # lr for this run's total batch (cfg.lr_scaling)
     loader, steps_per_epoch, total_step, warmup_step = build_data(cfg, env, logger)
 
     # ---- backbone, Partial FC head, optimiser and schedule; resume; the checkpoint writer
     modules = build_model(cfg, env, amp_dtype, total_step, warmup_step)
     backbone, head, optimizer, scheduler, scaler = modules
-    start_epoch, start_in_epoch, global_step, pending_rng = (
-        resume_training(cfg, env, logger, steps_per_epoch, *modules) if cfg.resume else (0, 0, 0, None))
+    start_epoch, start_in_epoch, global_step, pending_rng = (  # a resume, else step 0 (from cfg.init's weights)
+        finetune.start(cfg, env, logger, steps_per_epoch, modules))
     saver = CheckpointSaver(cfg, env, logger, modules)
 
-    model = wrap_ddp(backbone, env)
+    model = wrap_ddp(backbone, env)  # a frozen backbone stays unwrapped: it has no gradients to all-reduce
 
     # ---- logging, verification and the device-side non-finite monitor
     writer, log_callback, verify = build_callbacks(cfg, env, logger, total_step, global_step)
@@ -270,7 +276,7 @@ def train(cfg, env, stop=None):
             if status == "nonfinite":
                 break
             if global_step % cfg.frequent == 0 and env.rank == 0:
-                log_callback(global_step, loss_meter, epoch, scheduler.get_last_lr()[0],
+                log_callback(global_step, loss_meter, epoch, scheduler.get_last_lr()[-1],
                              scaler.get_scale() if scaler is not None else None)
             if verify is not None and global_step % cfg.verbose == 0:
                 verify(global_step, backbone)

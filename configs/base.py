@@ -59,3 +59,11 @@ config.save_every_minutes = 0.0  # agreed by the ranks at the logging interval (
 config.keep_checkpoints = 2  # complete checkpoint sets kept (the newest); 2 leaves one to fall back on
 config.dist_timeout_minutes = 10.0  # a collective waiting longer fails (a hung or dead rank ends the job instead of
 # blocking it); above the longest legitimate wait: rank 0's verification, a checkpoint save (docs/cluster.md)
+
+# --- fine-tuning and other numbers of GPUs (docs/finetune.md, docs/training.md) ---
+config.init = None  # backbone weights to start from: a released .pt, model.pt, a training checkpoint (strict load)
+config.init_head = False  # also the Partial FC centres of init's training checkpoint (same class set)
+config.backbone_lr_scale = 1.0  # backbone LR = lr x this (0.1 for a fine-tune; 0 freezes the backbone)
+config.layer_decay = 1.0  # ViT layer-wise LR decay per block, as BEiT/MAE fine-tuning (0.75-0.9); 1.0 = off
+config.reference_batch = None  # total batch lr and warm-up were tuned for; None -> this run's total batch
+config.lr_scaling = "none"  # "none" | "linear" | "sqrt": lr from reference_batch to this run's total batch

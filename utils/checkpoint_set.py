@@ -27,7 +27,7 @@ FOLDER = "checkpoints"
 SHARED = "shared.pt"
 # keys of the per-rank dict that go into shared.pt (the rest, and the head's optimiser state, into rank_<r>.pt)
 SHARED_KEYS = ("epoch", "step_in_epoch", "global_step", "world_size", "network", "state_lr_scheduler", "state_scaler")
-HEAD_GROUP = 1  # train.build_optimizer: param group 0 is the backbone, group 1 the Partial FC head
+HEAD_GROUP = -1  # train.build_optimizer: the Partial FC head is the last param group, the backbone's come first
 
 
 def set_dir(output, step):

@@ -94,8 +94,9 @@ def wrap_ddp(module, env):
     """`module` in DDP when there are several ranks, else `module` itself. find_unused_parameters=False (the release
     searched for unused ViT parameters every step, an extra pass over the autograd graph): every trainable parameter
     of every released layout gets a gradient each step, and the one that may not (the ViT's mask token at mask ratio
-    0) is frozen by the model. BatchNorm statistics stay per rank (broadcast_buffers=False), as released."""
-    if not env.distributed:
+    0) is frozen by the model. BatchNorm statistics stay per rank (broadcast_buffers=False), as released. A frozen
+    module (no parameter requires a gradient, finetune.py) has nothing to all-reduce and is returned as it is."""
+    if not env.distributed or not any(p.requires_grad for p in module.parameters()):
         return module
     return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                                    broadcast_buffers=False, bucket_cap_mb=16, find_unused_parameters=False)

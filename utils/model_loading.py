@@ -6,6 +6,7 @@ import torch
 
 from backbones import get_model
 from utils import checkpoint as ckpt
+from utils import checkpoint_set
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError
 
@@ -13,9 +14,11 @@ from utils.cli import UserError
 def read_state_dict(path, map_location="cpu"):
     """Read a backbone state_dict without unpickling code (utils.checkpoint.load, weights_only=True).
 
-    Accepts a bare state_dict (model.pt, released files), a training checkpoint (state_dict_backbone) and
-    weights saved from a DDP-wrapped model ("module." prefix)."""
-    state = ckpt.load(path, map_location)
+    Accepts a bare state_dict (model.pt, released files), a training checkpoint (state_dict_backbone: a checkpoint
+    set's shared.pt, its folder or an output folder, a checkpoint_gpu_*.pt) and weights saved from a DDP-wrapped
+    model ("module." prefix)."""
+    # an output folder (its newest complete checkpoint set) or a set's folder: the backbone of its shared.pt
+    state = checkpoint_set.backbone_state_dict(path) if os.path.isdir(path) else ckpt.load(path, map_location)
     if isinstance(state, dict) and "state_dict_backbone" in state:
         state = state["state_dict_backbone"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -28,6 +31,13 @@ def read_state_dict(path, map_location="cpu"):
 def load_backbone(path, network, network_kwargs=None, map_location="cpu"):
     """Build `network` and load `path` strictly; a key mismatch names the missing and unexpected keys."""
     model = get_model(network, **(network_kwargs or {}))
+    load_strict(model, path, network, map_location)
+    return model.eval()
+
+
+def load_strict(model, path, network, map_location="cpu"):
+    """Load the backbone weights in `path` into `model` (built as `network`), every key and shape checked: a
+    mismatch is a CheckpointError naming the file and the missing, unexpected and mis-shaped keys. -> the state read."""
     state = read_state_dict(path, map_location)
     own = model.state_dict()
     missing = [key for key in own if key not in state]
@@ -41,7 +51,7 @@ def load_backbone(path, network, network_kwargs=None, map_location="cpu"):
             f"{path} does not fit --network {network}: missing keys: {first(missing)}; "
             f"unexpected keys: {first(unexpected)}; shape mismatches (file vs model): {first(wrong_shape)}")
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    return state
 
 
 def open_onnx(path, device_type="cpu"):

@@ -213,7 +213,7 @@ def repartition_states(cfg, env, saved, paths=None, read=release_checkpoint.load
     merged = merge_shards([s["state_dict_softmax_fc"]["weight"] for s in states])
     saved["state_dict_softmax_fc"] = {"weight": shard_for_rank(merged, env.rank, env.world_size)}
     opt = saved["state_optimizer"]
-    head_index = opt["param_groups"][1]["params"][0]
+    head_index = opt["param_groups"][-1]["params"][0]  # the head is the last group (train.build_optimizer)
     head_rows = states[0]["state_dict_softmax_fc"]["weight"].shape[0]
     head_state = {}
     for key, value in opt["state"].get(head_index, {}).items():

@@ -18,6 +18,7 @@ from utils.cli import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(REPO_ROOT, "configs", "base.py")
+LR_SCALING = ("none", "linear", "sqrt")  # how lr follows the total batch (finetune.scaled_lr)
 
 
 class ConfigError(UserError):
@@ -127,6 +128,13 @@ def resolve_derived(cfg, config_path):
             raise ConfigError(f"config field {key} must be >= 0 (0: off), got {cfg[key]!r}")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"config field keep_checkpoints must be >= 1, got {cfg.keep_checkpoints!r}")
+    if cfg.lr_scaling not in LR_SCALING:
+        raise ConfigError(f"config field lr_scaling must be one of {LR_SCALING}, got {cfg.lr_scaling!r}")
+    if cfg.backbone_lr_scale < 0 or not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"need backbone_lr_scale >= 0 and 0 < layer_decay <= 1, got {cfg.backbone_lr_scale} and "
+                          f"{cfg.layer_decay}")
+    if cfg.layer_decay != 1 and not vit:
+        raise ConfigError(f"layer_decay counts transformer blocks: it needs a ViT backbone; network is {cfg.network}")
     if cfg.output is None:
         cfg.output = os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
