@@ -200,7 +200,8 @@ def gpu_estimate(cfg, backbone_params, profile, head, world_size=GPU_WORLD, batc
     terms = {
         "weights": weight,
         "grads": weight,
-        "ddp_buckets": weight,  # DDP's flat all-reduce buckets (gradient_as_bucket_view=False, as in train.py)
+        # DDP's flat all-reduce buckets (gradient_as_bucket_view=False, as in train.py); one process runs without DDP
+        "ddp_buckets": weight if world_size > 1 else 0,
         "adamw": 2 * weight,
         "fc_shard": fc,
         "fc_grad": fc,

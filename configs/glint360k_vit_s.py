@@ -11,6 +11,7 @@ config.sample_rate = 1.0
 config.fp16 = True
 config.weight_decay = 0.1
 config.batch_size = 128
+config.reference_batch = 8 * config.batch_size  # the released 8 GPUs (docs/training.md)
 config.optimizer = "adamw"
 config.lr = 1e-4
 config.verbose = 2000
