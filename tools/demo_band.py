@@ -4,6 +4,7 @@ precisions the demo may pick (bf16 on a CPU with native bf16, float32 elsewhere)
     python tools/demo_band.py                          # 5 seeds x bf16/float32 (~10 demo trainings)
     python tools/demo_band.py --seeds 2048 --amp bf16  # a subset (runs already done are read, not redone)
     python tools/demo_band.py --write                  # also store the band in tools/demo_band.json
+    python tools/demo_band.py --finished-only --write  # the band of the runs done so far
 
 Each run lives in <output>/transface_<amp>_seed<seed>/ on the shared demo data; a run whose results exist is not
 trained again, so a sweep can be split over several invocations. tools/demo.py prints its own result next to the
@@ -29,10 +30,14 @@ def run_dir(root, variant, amp, seed):
     return os.path.join(root, f"{variant}_{amp}_seed{seed}")
 
 
+def finished(output):
+    return os.path.isfile(os.path.join(REPO_ROOT, output, "demo", "ijbc_1n.csv"))
+
+
 def demo_run(root, data, variant, amp, seed, opts=(), config="configs/demo.py"):
     """Train and evaluate one demo run unless its results exist; -> its results (tools.demo.read_results)."""
     output = run_dir(root, variant, amp, seed)
-    if not os.path.isfile(os.path.join(REPO_ROOT, output, "demo", "ijbc_1n.csv")):
+    if not finished(output):
         run_script([sys.executable, "tools/demo.py", "--config", config, "--data", data, "--opts", f"output={output}",
                     f"seed={seed}", f"amp={amp}", *opts], REPO_ROOT)
     return read_results(os.path.join(REPO_ROOT, output))
@@ -59,6 +64,7 @@ def main():
     parser.add_argument("--output", default="work_dirs/demo_runs")
     parser.add_argument("--opts", nargs="*", default=[], help="config overrides for every run (another budget: give "
                         "it its own --output, as finished runs are reused)")
+    parser.add_argument("--finished-only", action="store_true", help="train nothing: the band of the runs that exist")
     parser.add_argument("--write", nargs="?", const=BAND_FILE, default=None,
                         help=f"store the band (default file: {os.path.relpath(BAND_FILE, REPO_ROOT)})")
     args = parser.parse_args()
@@ -66,6 +72,8 @@ def main():
     runs = []
     for amp in args.amp:
         for seed in args.seeds:
+            if args.finished_only and not finished(run_dir(args.output, "transface", amp, seed)):
+                continue
             runs.append(dict(amp=amp, seed=seed, **demo_run(args.output, args.data, "transface", amp, seed, args.opts)))
     table = PrettyTable(["amp", "seed"] + list(METRICS))
     for run in runs:
