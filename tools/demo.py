@@ -59,7 +59,8 @@ def total_steps(cfg):
     return cfg.num_image // cfg.batch_size * cfg.num_epoch
 
 
-def _csv_row(path):
+def read_result_row(path):
+    """The result row of one of eval_ijbc.py's CSV tables as {column: value}."""
     try:
         with open(path, newline="") as handle:
             header, row = list(csv.reader(handle))[:2]
@@ -71,8 +72,8 @@ def _csv_row(path):
 def read_results(output, job="demo"):
     """The demo's headline numbers of a finished run in `output`: TAR (%) at FAR 1e-4/1e-3/1e-2, rank-1 (%) and the
     last lfw accuracy (%) in training.log (None when lfw was not checked)."""
-    tar = _csv_row(os.path.join(output, job, "ijbc_tar_far.csv"))
-    one_n = _csv_row(os.path.join(output, job, "ijbc_1n.csv"))
+    tar = read_result_row(os.path.join(output, job, "ijbc_tar_far.csv"))
+    one_n = read_result_row(os.path.join(output, job, "ijbc_1n.csv"))
     lfw = None
     log = os.path.join(output, "training.log")
     if os.path.isfile(log):

@@ -17,7 +17,7 @@ import sys
 from prettytable import PrettyTable, TableStyle
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.ablation import read_tar_table  # noqa: E402
+from tools.demo import read_result_row  # noqa: E402
 from utils.cli import run_main, run_script  # noqa: E402
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, identity_starts, \
     insightface_layout, pack_header, unpack_header  # noqa: E402
@@ -93,9 +93,9 @@ def main():
                     "--network", cfg.network, "--network-kwargs",
                     json.dumps(dict(cfg.network_kwargs, num_features=cfg.embedding_size)),
                     "--batch-size", "64", "--num-workers", "0"], REPO_ROOT)
-        tars = read_tar_table(os.path.join(REPO_ROOT, cfg.output, "ijbc", "ijbc_tar_far.csv"))
-        rank1 = read_tar_table(os.path.join(REPO_ROOT, cfg.output, "ijbc", "ijbc_1n.csv"))["rank-1"]
-        columns = {f"TAR@{far}": tars[far] for far in ("0.0001", "0.001", "0.01", "0.1")}
+        tars = read_result_row(os.path.join(REPO_ROOT, cfg.output, "ijbc", "ijbc_tar_far.csv"))
+        rank1 = f'{read_result_row(os.path.join(REPO_ROOT, cfg.output, "ijbc", "ijbc_1n.csv"))["rank-1"]:.2f}'
+        columns = {f"TAR@{far}": f"{tars[far]:.2f}" for far in ("0.0001", "0.001", "0.01", "0.1")}
         if table is None:
             table = PrettyTable(["model", "training steps", *columns, "rank-1"])
         table.add_row([row, steps, *columns.values(), rank1])
