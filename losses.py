@@ -1,4 +1,8 @@
-"""Margin logits (CombinedMarginLoss, as arcface_torch) and EHSM sample weights (docs/method.md)."""
+"""Margin logits (CombinedMarginLoss, as arcface_torch; AdaFace) and EHSM sample weights (docs/method.md).
+
+A margin loss maps (cos logits [N,C], labels [N] local class index or -1, feature norms [N]) to scaled logits;
+partial_fc.PartialFC calls it on the global batch.  build_margin_loss(cfg) picks one from config.loss.
+"""
 import math
 
 import torch
@@ -28,7 +32,8 @@ class CombinedMarginLoss(nn.Module):
             raise ValueError(f"unsupported margins (m1, m2, m3) = ({m1}, {m2}, {m3}): "
                              "use ArcFace (1, m, 0) or CosFace (1, 0, m)")
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, norms=None):
+        """`norms` (the feature norms) is accepted for the common margin-loss signature; these margins ignore it."""
         # Masks instead of nonzero()/index_put: no data-dependent shapes, so no host-device sync in the step.
         on_rank = labels != -1
         safe_labels = labels.clamp(min=0).unsqueeze(1)
@@ -47,6 +52,58 @@ class CombinedMarginLoss(nn.Module):
         else:
             logits = torch.where(is_target, target - self.m3, logits)
         return logits * self.s
+
+
+def adaface_logits(cos, labels, norms, mean, std, s=64.0, m=0.4, h=0.333, eps=1e-3):
+    """AdaFace (Kim et al., CVPR 2022) scaled logits from cos [N,C], labels [N] (local index or -1), feature norms
+    [N] and the running norm statistics `mean`, `std` (0-dim tensors).
+
+    norm_hat = clip((clip(|z|, 0.001, 100) - mean) / (std + eps) * h, -1, 1), a constant (no gradient);
+    target logit s * (cos(theta_y - m * norm_hat) - (m + m * norm_hat)), every other logit s * cos.
+    As the authors' code: theta_y = acos(cos) with cos clamped to [-1 + eps, 1 - eps], theta_y - m * norm_hat
+    clamped to [eps, pi - eps], eps added to std.  Unlike it, non-target logits are not clamped (bit-exact s * cos).
+    """
+    norm_hat = ((norms.detach().clamp(0.001, 100) - mean) / (std + eps) * h).clamp(-1, 1)
+    on_rank = labels != -1
+    safe_labels = labels.clamp(min=0).unsqueeze(1)
+    is_target = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, safe_labels, on_rank.unsqueeze(1))
+    theta = torch.acos(cos.gather(1, safe_labels).squeeze(1).clamp(-1 + eps, 1 - eps))
+    target = torch.cos((theta - m * norm_hat).clamp(eps, math.pi - eps)) - (m + m * norm_hat)
+    return torch.where(is_target, target.unsqueeze(1), cos) * s
+
+
+class AdaFaceLoss(nn.Module):
+    """AdaFace margin with the running feature-norm statistics as buffers (saved in checkpoints, resumed).
+
+    In training mode each forward first updates the statistics with the batch mean and (unbiased) std of the clipped
+    norms, stat <- t_alpha * batch + (1 - t_alpha) * stat, then uses them; eval mode only reads them.  Initial
+    values 20 and 100 and the clipping are the authors' code.  Under Partial FC the norms are those of the
+    all-gathered global batch, so every rank computes the same statistics from the same numbers: the global
+    batch's, identical on all ranks without a further collective.
+    """
+
+    def __init__(self, s=64.0, m=0.4, h=0.333, t_alpha=0.01):
+        super().__init__()
+        self.s, self.m, self.h, self.t_alpha = s, m, h, t_alpha
+        self.register_buffer("running_mean", torch.tensor(20.0))
+        self.register_buffer("running_std", torch.tensor(100.0))
+
+    def forward(self, logits, labels, norms):
+        if self.training:
+            if norms.numel() < 2:
+                raise ValueError("AdaFace needs at least 2 samples per (global) batch for the norm std")
+            with torch.no_grad():
+                clipped = norms.detach().float().clamp(0.001, 100)
+                self.running_mean.lerp_(clipped.mean(), self.t_alpha)
+                self.running_std.lerp_(clipped.std(), self.t_alpha)
+        return adaface_logits(logits, labels, norms, self.running_mean, self.running_std, self.s, self.m, self.h)
+
+
+def build_margin_loss(cfg):
+    """The margin loss of config.loss: "combined" (ArcFace/CosFace from margin_list) or "adaface"."""
+    if cfg.loss == "adaface":
+        return AdaFaceLoss(cfg.margin_scale, cfg.adaface_m, cfg.adaface_h, cfg.adaface_t_alpha)
+    return CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
 
 
 def ehsm_weights(patch_entropy, gamma=1.0, top_k=None, measure="std", reduction="mean", detach=True):

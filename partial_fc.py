@@ -125,8 +125,9 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
 class PartialFC(nn.Module):
     """Margin-softmax head with class centres sharded over the ranks.
 
-    margin_loss: module mapping (cos logits (N, C_sel) in [-1, 1], labels (N,) column or -1) -> scaled logits,
-    e.g. losses.CombinedMarginLoss.  amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 for the logits matmul.
+    margin_loss: module mapping (cos logits (N, C_sel) in [-1, 1], labels (N,) column or -1, feature norms (N,) of the
+    global batch) -> scaled logits, e.g. losses.CombinedMarginLoss or losses.AdaFaceLoss.
+    amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 for the logits matmul.
     forward(local_embeddings (B, E), local_labels (B,), sample_weights=None or (B,) local EHSM weights) -> scalar
     loss, the same on all ranks.  See the module docstring for the training-loop contract.
     """
@@ -153,13 +154,16 @@ class PartialFC(nn.Module):
         """Pick the centres for this step: every positive class of the global batch plus random negatives,
         as a sorted index; returns (index, labels remapped to positions in index, -1 kept)."""
         on_rank = labels >= 0
-        positives = torch.unique(labels[on_rank])
-        if self.num_sample >= positives.numel():
-            scores = torch.rand(self.num_local, device=labels.device)
-            scores[positives] = 2.0
+        # The positives as a mask filled through a tensor index (off-rank labels go to a spare last row), not
+        # torch.unique: no data-dependent shape, so no host sync.  A global batch has at most labels.numel()
+        # positives, so when num_sample covers that (always, in practice) their count is never read.
+        is_positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=labels.device)
+        is_positive = is_positive.index_fill_(0, torch.where(on_rank, labels, self.num_local), True)[:-1]
+        if self.num_sample >= labels.numel() or self.num_sample >= is_positive.sum().item():
+            scores = torch.rand(self.num_local, device=labels.device).masked_fill_(is_positive, 2.0)
             index = scores.topk(self.num_sample).indices.sort().values
-        else:
-            index = positives
+        else:  # more positives than num_sample: all of them, no negatives
+            index = is_positive.nonzero().squeeze(1)
         remapped = torch.searchsorted(index, labels.clamp(min=0))
         return index, torch.where(on_rank, remapped, -1)
 
@@ -193,7 +197,8 @@ class PartialFC(nn.Module):
             with torch.autocast(device_type=device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = F.linear(norm_embeddings, norm_weight)
             logits = logits.float().clamp(-1, 1)
-            logits = self.margin_loss(logits, labels)
+            # the norms of the un-normalised global-batch embeddings (AdaFace's margin depends on them; no gradient)
+            logits = self.margin_loss(logits, labels, embeddings.detach().norm(dim=1))
             return DistSoftmaxCrossEntropy.apply(logits, labels, weights)
 
     def register_optimizer(self, optimizer):

@@ -18,13 +18,12 @@ import warnings
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
 from backbones import get_model
 from dataset import get_dataloader
 import finetune
 from dpap import dpap
-from losses import CombinedMarginLoss, ehsm_weights
+from losses import build_margin_loss, ehsm_weights
 from lr_scheduler import PolyScheduler
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
@@ -38,6 +37,7 @@ from utils.stop import StopRequest
 from utils.utils_callbacks import CallBackLogging, CallBackVerification
 from utils.utils_config import get_config
 from utils.utils_logging import AverageMeter, init_logging, log_config
+from utils.writer import build_writer
 
 EXIT_NONFINITE = 3
 DEFAULT_CONFIG = "configs/glint360k_vit_s.py"  # the released train.py's default
@@ -120,8 +120,8 @@ def build_optimizer(cfg, backbone, head):
 def build_model(cfg, env, amp_dtype, total_step, warmup_step):
     """Backbone, Partial FC head, optimiser, LR schedule and GradScaler (fp16 only, else None)."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, **cfg.network_kwargs).to(env.device)
-    margin_loss = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
-    head = PartialFC(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype).to(env.device)
+    head = PartialFC(build_margin_loss(cfg), cfg.embedding_size, cfg.num_classes, cfg.sample_rate, amp_dtype)
+    head = head.to(env.device)
     if cfg.compile:
         backbone.compile()  # in place: state_dict keys, DDP and checkpoints see the plain module
     optimizer = build_optimizer(cfg, backbone, head)
@@ -183,8 +183,9 @@ def train_step(model, head, optimizer, scheduler, scaler, cfg, micro_batches, au
 
 
 def build_callbacks(cfg, env, logger, total_step, global_step):
-    """-> (TensorBoard writer, logging callback, verification callback); writer and verification on rank 0 only."""
-    writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard")) if env.rank == 0 else None
+    """-> (scalar writer: TensorBoard and optionally W&B, logging callback, verification callback); writer and
+    verification on rank 0 only."""
+    writer = build_writer(cfg) if env.rank == 0 else None  # TensorBoard, and W&B with using_wandb
     log_callback = CallBackLogging(cfg.frequent, total_step, cfg.batch_size * cfg.gradient_acc, env.world_size,
                                    global_step, writer, logger)
     verify = CallBackVerification(cfg.val_targets, cfg.rec, writer=writer, logger=logger) if env.rank == 0 else None

@@ -25,6 +25,8 @@ CASES = [(margin, ehsm) for margin in MARGINS for ehsm in (False, True)]
 C_S = 29
 RATE = 0.5
 STEPS = 4
+# WebFace42M's class count at sample_rate 0.3 (small embeddings): 308,985 + 308,985 of 2,059,906 centres sampled
+C_WF, RATE_WF, E_WF = 2_059_906, 0.3, 8
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
@@ -43,6 +45,8 @@ def make_data():
         "s_emb": torch.randn(STEPS, W * B, E, generator=g),
         "s_labels": s_labels,
         "s_weight": torch.randn(C_S, E, generator=g) * 0.01,
+        "wf_emb": torch.randn(W * B, E_WF, generator=g),
+        "wf_labels": torch.randint(0, C_WF, (W * B,), generator=g),
     }
 
 
@@ -93,6 +97,16 @@ def two_rank_worker(rank, world_size, data):
                           "state_before": state_before, "state_after": state_of(optimizer, head.weight),
                           "sampled_after_step": head.sampled.clone()})
         out[name] = steps
+
+    # 2.06 M classes, sample_rate 0.3: return only the sampled rows (the shard is 1 M rows)
+    head = PartialFC(CombinedMarginLoss(*MARGINS["cosface"]), E_WF, C_WF, sample_rate=RATE_WF)
+    emb = data["wf_emb"][local].clone().requires_grad_()
+    loss = head(emb, data["wf_labels"][local], data["ehsm"][local])
+    loss.backward()
+    rows = head.sampled.nonzero().squeeze(1)
+    out["wf"] = {"loss": loss.detach(), "emb_grad": emb.grad, "classes": rows + head.class_start,
+                 "centres": head.weight.detach()[rows], "grad": head.weight.grad[rows],
+                 "grad_elsewhere": head.weight.grad[~head.sampled].abs().max()}
     return out
 
 
@@ -235,6 +249,45 @@ def test_sampled_loss_matches_reference_on_sampled_centres(ranks, data, name):
             close(r[name][step]["loss"], loss)
             close(r[name][step]["emb_grad"], W * emb_grad[rank * B:(rank + 1) * B])
             close(r[name][step]["grad"], shard_for_rank(full_grad, rank, W))  # unsampled rows: exactly 0
+
+
+def test_sampling_at_webface42m_size_matches_reference_on_sampled_centres(ranks, data):
+    """Loss and gradients (embeddings, sampled centres) of 2 ranks x 1.03 M centres at sample_rate 0.3 equal a
+    one-process full softmax over the union of the centres the ranks sampled; unsampled centres get exactly 0."""
+    labels = data["wf_labels"]
+    for rank, r in enumerate(ranks):
+        start, num_local = class_range(C_WF, rank, W)
+        assert len(r["wf"]["classes"]) == int(RATE_WF * num_local) == 308_985
+        mine = labels[(labels >= start) & (labels < start + num_local)]
+        assert torch.isin(mine, r["wf"]["classes"]).all()
+        assert r["wf"]["grad_elsewhere"] == 0
+    classes = torch.cat([r["wf"]["classes"] for r in ranks])
+    centres = torch.cat([r["wf"]["centres"] for r in ranks])
+    loss, emb_grad, centre_grad = reference(data["wf_emb"], torch.searchsorted(classes, labels), centres, "cosface",
+                                            data["ehsm"])
+    for rank, r in enumerate(ranks):
+        close(r["wf"]["loss"], loss)
+        close(r["wf"]["emb_grad"], W * emb_grad[rank * B:(rank + 1) * B])
+    close(torch.cat([r["wf"]["grad"] for r in ranks]), centre_grad)
+
+
+def test_sample_is_the_unique_topk_rule(data):
+    """sample() is the rule written with torch.unique: scores U(0,1), positives 2, top num_sample, sorted (the same
+    random draw gives the same index); more positives than num_sample gives the positives alone."""
+    head = PartialFC(CombinedMarginLoss(*MARGINS["arcface"]), E, 1000, sample_rate=0.1)
+    for labels in (torch.tensor([5, -1, 999, 5, 0, -1, 37, 412]), torch.randperm(1000)[:150]):
+        torch.manual_seed(7)
+        index, remapped = head.sample(labels)
+        torch.manual_seed(7)
+        positives = torch.unique(labels[labels >= 0])
+        if len(positives) <= head.num_sample:
+            scores = torch.rand(1000)
+            scores[positives] = 2.0
+            expected = scores.topk(head.num_sample).indices.sort().values
+        else:
+            expected = positives
+        assert torch.equal(index, expected)
+        assert torch.equal(remapped, torch.where(labels >= 0, torch.searchsorted(expected, labels.clamp(min=0)), -1))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

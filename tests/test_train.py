@@ -102,7 +102,7 @@ def final_state(output):
 
 
 @pytest.mark.parametrize("stop_at,opts", [(3, ["optimizer=adamw"]), (4, ["optimizer=sgd", "lr=0.01"]),
-                                          (2, ["gradient_acc=2", "num_image=64"])])
+                                          (2, ["gradient_acc=2", "num_image=64"]), (3, ["loss=adaface"])])
 def test_resume_equals_uninterrupted(tmp_path, stop_at, opts):
     common = ["save_all_states=True", "dpap_prob=1.0", "sample_rate=0.5", *opts]
     whole = tiny_cfg(tmp_path / "whole", *common)
@@ -117,7 +117,11 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, opts):
     assert a["global_step"] == b["global_step"] == 8
     for key in a["state_dict_backbone"]:
         assert torch.equal(a["state_dict_backbone"][key], b["state_dict_backbone"][key]), key
-    assert torch.equal(a["state_dict_softmax_fc"]["weight"], b["state_dict_softmax_fc"]["weight"])
+    assert list(a["state_dict_softmax_fc"]) == list(b["state_dict_softmax_fc"])
+    for key in a["state_dict_softmax_fc"]:  # the centres; with AdaFace also its running norm statistics
+        assert torch.equal(a["state_dict_softmax_fc"][key], b["state_dict_softmax_fc"][key]), key
+    if "loss=adaface" in opts:
+        assert a["state_dict_softmax_fc"]["margin_loss.running_mean"] != 20.0  # moved from its initial value
     assert a["state_lr_scheduler"]["last_epoch"] == b["state_lr_scheduler"]["last_epoch"] == 8
 
 
@@ -272,9 +276,10 @@ def test_resume_refuses_checkpoints_of_different_saves(tmp_path):
 def test_repartition_for_new_world_size(tmp_path):
     """Shards written by 2 ranks are merged and cut for 1 and 3 ranks; optimiser moments follow the centres."""
     cfg = tiny_cfg(tmp_path, "num_classes=11")
-    full, moment = torch.randn(11, 32), torch.randn(11, 32)
+    full, moment, stats = torch.randn(11, 32), torch.randn(11, 32), torch.tensor(7.5)  # AdaFace's, same on all ranks
     for rank, (start, stop) in enumerate([(0, 6), (6, 11)]):
-        ckpt.atomic_save({"world_size": 2, "step_in_epoch": 2, "state_dict_softmax_fc": {"weight": full[start:stop]},
+        ckpt.atomic_save({"world_size": 2, "step_in_epoch": 2,
+                          "state_dict_softmax_fc": {"weight": full[start:stop], "margin_loss.running_std": stats},
                           "state_optimizer": {"state": {5: {"exp_avg": moment[start:stop], "step": torch.tensor(3.)}},
                                               "param_groups": [{"params": [0, 1, 2, 3, 4]}, {"params": [5]}]}},
                          ckpt.checkpoint_path(tmp_path, rank))
@@ -283,6 +288,7 @@ def test_repartition_for_new_world_size(tmp_path):
             env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
             out = resume.repartition_states(cfg, env, ckpt.load(ckpt.checkpoint_path(tmp_path, 0)))
             assert torch.equal(out["state_dict_softmax_fc"]["weight"], full[start:stop])
+            assert torch.equal(out["state_dict_softmax_fc"]["margin_loss.running_std"], stats)
             assert torch.equal(out["state_optimizer"]["state"][5]["exp_avg"], moment[start:stop])
             assert out["step_in_epoch"] == 2 * 2 // world  # same number of samples seen
 

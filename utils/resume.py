@@ -211,7 +211,8 @@ def repartition_states(cfg, env, saved, paths=None, read=release_checkpoint.load
                 f"the checkpoints of {old_world} rank(s) at global step {saved.get('global_step')}; the "
                 f"checkpoint_gpu_*.pt files in {cfg.output} must all come from the same save of the previous run")
     merged = merge_shards([s["state_dict_softmax_fc"]["weight"] for s in states])
-    saved["state_dict_softmax_fc"] = {"weight": shard_for_rank(merged, env.rank, env.world_size)}
+    # the other head entries (AdaFace's running norm statistics) are the same on every rank: kept as they are
+    saved["state_dict_softmax_fc"]["weight"] = shard_for_rank(merged, env.rank, env.world_size)
     opt = saved["state_optimizer"]
     head_index = opt["param_groups"][-1]["params"][0]  # the head is the last group (train.build_optimizer)
     head_rows = states[0]["state_dict_softmax_fc"]["weight"].shape[0]

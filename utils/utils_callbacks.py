@@ -44,6 +44,8 @@ class CallBackLogging:
             self.writer.add_scalar("learning_rate", lr, global_step)
             self.writer.add_scalar("time_for_end", eta_h, global_step)
             self.writer.add_scalar("samples_per_sec", speed, global_step)
+            if grad_scale is not None:
+                self.writer.add_scalar("grad_scale", grad_scale, global_step)
         loss_meter.reset()
         self.tic = now
 

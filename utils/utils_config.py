@@ -97,12 +97,24 @@ def parse_override(key, text, default):
     return value
 
 
+# arcface_torch configs carry the W&B API key as config.wandb_key: a secret never belongs in a config file
+KEY_FIELDS = ("wandb_key", "wandb_api_key")
+
+
+def refuse_key_fields(names, where):
+    for name in names:
+        if name in KEY_FIELDS:
+            raise ConfigError(f"{where}: config field '{name}' is not accepted: an API key does not belong in a "
+                              "config; set the environment variable WANDB_API_KEY (or run `wandb login`)")
+
+
 def apply_overrides(cfg, base, opts):
     for item in opts or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        refuse_key_fields([key], f"override '{key}=...'")
         if key not in base:
             raise ConfigError(f"unknown config field '{key}' in override '{item}'; "
                               f"valid fields: {', '.join(sorted(base))}")
@@ -121,6 +133,10 @@ def resolve_derived(cfg, config_path):
         cfg.ehsm = vit
     if (cfg.dpap or cfg.ehsm) and not vit:
         raise ConfigError(f"dpap/ehsm need a ViT backbone (they use its patch outputs); network is {cfg.network}")
+    if cfg.loss not in ("combined", "adaface"):
+        raise ConfigError(f"config field loss must be 'combined' or 'adaface', got {cfg.loss!r}")
+    if cfg.using_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("using_wandb=True needs the wandb package, which is not installed: pip install wandb")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"config field optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     for key in ("save_every_steps", "save_every_minutes"):
@@ -144,6 +160,7 @@ def get_config(config_file, opts=None):
     base = load_config_module(BASE_CONFIG)
     path = resolve_config_path(config_file)
     job = load_config_module(path)
+    refuse_key_fields(job, path)
     unknown = sorted(set(job) - set(base))
     if unknown:
         raise ConfigError(f"{path}: unknown config field(s) {unknown}; every field must exist in configs/base.py")
