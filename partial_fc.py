@@ -156,14 +156,18 @@ class PartialFC(nn.Module):
         on_rank = labels >= 0
         # The positives as a mask filled through a tensor index (off-rank labels go to a spare last row), not
         # torch.unique: no data-dependent shape, so no host sync.  A global batch has at most labels.numel()
-        # positives, so when num_sample covers that (always, in practice) their count is never read.
+        # positives: when num_sample covers that (in practice always: 77,246 sampled vs a 2,048 batch at WebFace42M
+        # size) they always fit and are never counted.
         is_positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=labels.device)
         is_positive = is_positive.index_fill_(0, torch.where(on_rank, labels, self.num_local), True)[:-1]
-        if self.num_sample >= labels.numel() or self.num_sample >= is_positive.sum().item():
+        index = None
+        if self.num_sample < labels.numel():  # a small shard: the count decides the size (a host sync)
+            positives = is_positive.nonzero().squeeze(1)
+            if positives.numel() > self.num_sample:  # more positives than num_sample: all of them, no negatives
+                index = positives
+        if index is None:
             scores = torch.rand(self.num_local, device=labels.device).masked_fill_(is_positive, 2.0)
             index = scores.topk(self.num_sample).indices.sort().values
-        else:  # more positives than num_sample: all of them, no negatives
-            index = is_positive.nonzero().squeeze(1)
         remapped = torch.searchsorted(index, labels.clamp(min=0))
         return index, torch.where(on_rank, remapped, -1)
 

@@ -364,7 +364,7 @@ def test_partial_fc_sampling_hooks_with_fused_optimisers(tmp_path, optimizer):
     clear the sampled mask."""
     cfg = tiny_cfg(tmp_path, f"optimizer={optimizer}", "lr=0.1")
     backbone = torch.nn.Linear(4, 4)
-    head = train.PartialFC(train.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 8, 30, sample_rate=0.5)
+    head = train.PartialFC(train.build_margin_loss(cfg), 8, 30, sample_rate=0.5)  # ArcFace
     opt = train.build_optimizer(cfg, backbone, head)
     assert all(group["fused"] for group in opt.param_groups)
     head.register_optimizer(opt)
