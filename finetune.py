@@ -116,7 +116,7 @@ def init_from(cfg, env, logger, backbone, head):
                 f"{len(state)} tensors loaded; the optimiser and LR schedule start fresh")
     if cfg.init_head:
         shard = head_shard(cfg.init, cfg.num_classes, cfg.embedding_size, env.rank, env.world_size)
-        head.load_state_dict({"weight": shard.to(head.weight.device)})
+        head.load_state_dict({**head.state_dict(), "weight": shard.to(head.weight.device)})  # AdaFace stats: fresh
         logger.info(f"init_head: {cfg.num_classes} Partial FC centres from the checkpoints next to {cfg.init}, "
                     f"rank {env.rank} of {env.world_size} holds {shard.shape[0]}")
     else:
