@@ -173,6 +173,7 @@ class Shards:
             self.ids_per_shard = ids_per_shard
         elif os.path.isfile(src):
             self.names, self.num_classes, self.images_per_shard = None, None, images_per_shard
+            next(iter_list_chunks(src, 1), None)  # a file that is no list fails in one line, before any progress bar
         else:
             raise RecordIOError(f"{src}: neither an image folder nor a list file")
 
