@@ -14,8 +14,9 @@ from tools.make_demo_data import generate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED_OPTS = ["network_kwargs={'embed_dim': 64, 'depth': 2, 'num_heads': 4, 'patch_size': 14}", "embedding_size=64",
-                "num_classes=40", "num_image=480", "batch_size=32", "num_epoch=6", "verbose=15", "frequent=5",
-                "save_all_states=False"]
+                "num_classes=40", "num_image=480", "batch_size=32", "num_epoch=6", "verbose=15", "frequent=5"]
+# the demo's save_all_states stays on: 6 epoch-end sets, 4 removed by keep_checkpoints, and their log lines must not
+# reach the console either
 # min and max over `python tools/demo_band.py --data <generate() below> --output <dir> --opts <REDUCED_OPTS>`
 # (seeds 2048-2052 x bf16/float32), measured 2026-12-06 on the 2-core CPU machine; the test set has 48 genuine pairs
 # and 32 probes, lfw.bin 40 pairs
@@ -55,6 +56,7 @@ def test_console_is_quiet_and_the_log_complete(run):
     assert re.search(r"^Training: [\d-]+ [\d:,]+-: network +vit_t$", log, re.M)
     assert len(re.findall(r"Global Step: \d+ ", log)) == 6 * 15 // 5 - 1  # every 5 steps but the first
     assert len(re.findall(r"\[lfw\]\[\d+\]Accuracy-Flip", log)) == 6  # every epoch end
+    assert len(re.findall(r"removed checkpoint set", log)) == 4  # 6 epoch-end sets, the newest 2 kept
 
 
 def test_result_inside_the_reduced_band(run):

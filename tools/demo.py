@@ -28,9 +28,10 @@ from utils.utils_config import REPO_ROOT, get_config  # noqa: E402
 
 BAND_FILE = os.path.join(REPO_ROOT, "tools", "demo_band.json")
 METRICS = ("TAR@1e-4", "TAR@1e-3", "TAR@1e-2", "rank-1", "lfw")
-# Release-format log lines the console leaves to training.log: the config dump, speed and verification lines and
-# the amp note. Anything else train.py logs (warnings, resume notes) still reaches the console.
-_LOG_ONLY = re.compile(r"^Training: [\d-]+ [\d:,]+-(?:: |Speed |\[[^\]]+\]\[\d+\]|amp=auto: )")
+# Lines the console leaves to training.log: the release-format config dump, speed and verification lines, the amp
+# note and the routine clean-up of old checkpoint sets. Anything else train.py logs (warnings, resume notes) still
+# reaches the console.
+_LOG_ONLY = re.compile(r"^Training: [\d-]+ [\d:,]+-(?:: |Speed |\[[^\]]+\]\[\d+\]|amp=auto: |removed checkpoint set )")
 _STEP = re.compile(r"Global Step: (\d+)")
 _LFW = re.compile(r"\[lfw\]\[\d+\]Accuracy-Flip: ([\d.]+)")
 
