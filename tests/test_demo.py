@@ -67,10 +67,17 @@ def test_result_inside_the_reduced_band(run):
     assert "inside the band: yes" in proc.stdout
 
 
-def test_band_table_flags_a_result_outside():
-    band = demo.band_of([{m: 90.0 for m in demo.METRICS}, {m: 92.0 for m in demo.METRICS}])
-    assert band["TAR@1e-3"] == (91.0, 90.0, 92.0)
-    _, inside = demo.band_table(dict.fromkeys(demo.METRICS, 91.5), band)
-    assert inside
-    _, inside = demo.band_table(dict(dict.fromkeys(demo.METRICS, 91.5), lfw=92.1), band)
-    assert not inside
+def test_band_verdicts():
+    runs = [dict.fromkeys(demo.METRICS, v) for v in (90.0, 91.0, 92.0, 93.0, 94.0)]
+    assert demo.band_of(runs)["TAR@1e-3"] == (92.0, 90.0, 94.0)
+    # t(0.995, 4 degrees of freedom) = 4.604094 from tables; sd = sqrt(2.5); sqrt(1 + 1/5)
+    half = 4.604094 * 2.5 ** 0.5 * 1.2 ** 0.5
+    low, high = demo.seed_noise_range([run["lfw"] for run in runs])
+    assert low == pytest.approx(92.0 - half, abs=1e-4) and high == pytest.approx(92.0 + half, abs=1e-4)
+    inside = dict.fromkeys(demo.METRICS, 91.5)
+    assert demo.band_table(inside, runs)[1] == "yes"
+    assert demo.band_table(dict(inside, lfw=94.004), runs)[1] == "yes"  # the stored band has 2 decimals
+    assert demo.band_table(dict(inside, lfw=94.1), runs)[1] == "noise"
+    assert demo.band_table(dict(inside, lfw=92.0 + half - 0.01), runs)[1] == "noise"
+    assert demo.band_table(dict(inside, lfw=92.0 + half + 0.01), runs)[1] == "NO"
+    assert demo.band_table(dict(inside, **{"rank-1": None}), runs)[1] == "NO"  # a missing metric
