@@ -227,7 +227,7 @@ def train(cfg, env, stop=None):
     backbone, head, optimizer, scheduler, scaler = modules
     start_epoch, start_in_epoch, global_step, pending_rng = (  # a resume, else step 0 (from cfg.init's weights)
         finetune.start(cfg, env, logger, steps_per_epoch, modules))
-    saver = CheckpointSaver(cfg, env, logger, modules)
+    saver = CheckpointSaver(cfg, env, logger, modules, global_step)
 
     model = wrap_ddp(backbone, env)  # a frozen backbone stays unwrapped: it has no gradients to all-reduce
 

@@ -1,6 +1,6 @@
 """utils/checkpoint_policy.py: when to save, which set to resume, which sets to delete (pure functions)."""
 from utils.checkpoint_policy import (SetInfo, is_complete, minutes_due, missing_ranks, newest_complete, sets_to_delete,
-                                     steps_due, world_size)
+                                     stale_at_start, steps_due, world_size)
 
 
 def full(step, world=2):
@@ -41,6 +41,15 @@ def test_sets_to_delete_keeps_newest_complete_and_the_set_being_written():
     assert [s.step for s in sets_to_delete(sets, 3, 40)] == [25]  # 25: left by a killed run
     # the incomplete set just above the newest complete one may still be written by a slower rank
     assert sets_to_delete([full(10), SetInfo(20, {0: 2}), SetInfo(30, {0: 2})], 1, 30) == []
-    # a run that resumed from step 20 (or started afresh) drops the abandoned run's later sets
-    assert [s.step for s in sets_to_delete([full(20), full(30), full(40), full(22)], 2, 22)] == [30, 40]
+    # sets above the one just saved stay: the other ranks may already be writing a later save
+    assert sets_to_delete([full(20), full(30), full(40), full(22)], 2, 22) == []
+    assert [s.step for s in sets_to_delete([full(10), full(20), SetInfo(50, {1: 2})], 1, 20)] == [10]
     assert sets_to_delete([full(10)], 0, 10) == []  # at least one complete set is always kept
+
+
+def test_stale_at_start_drops_incomplete_and_abandoned_sets():
+    sets = [full(20), full(30), full(40), SetInfo(25, {0: 2}), SetInfo(5, {1: 2}), full(10)]
+    # a run that resumed from step 20 drops the abandoned run's later sets and every incomplete one
+    assert [s.step for s in stale_at_start(sets, 20)] == [5, 25, 30, 40]
+    assert [s.step for s in stale_at_start(sets, 0)] == [5, 10, 20, 25, 30, 40]  # started afresh
+    assert stale_at_start([full(10), full(20)], 20) == []

@@ -54,6 +54,19 @@ def test_periodic_sets_and_exact_resume_from_mid_epoch(whole, tmp_path):
     assert sets(part) == [6]
 
 
+def test_a_fresh_run_removes_the_abandoned_runs_sets_before_it_saves(whole, tmp_path):
+    shutil.copytree(whole / "checkpoints", tmp_path / "checkpoints")
+    before = checkpoint_set.read_newest(tmp_path, 0)["state_dict_backbone"]
+    assert train.train(tiny_cfg(tmp_path, *STEPS, "save_every_steps=3", "keep_checkpoints=5"), CPU)["global_step"] == 8
+    log = (tmp_path / "training.log").read_text()
+    for step in (3, 6):
+        assert (f"removed {tmp_path / 'checkpoints' / f'step_{step:09d}'}: a set above this run's start at step 0, "
+                "left by an abandoned run (this run writes those steps again)") in log
+    assert sets(tmp_path) == [3, 6]  # written again by this run: the same steps, the same deterministic weights
+    after = checkpoint_set.read_newest(tmp_path, 0)["state_dict_backbone"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_minutes_trigger_saves_at_sync_points_only(tmp_path):
     # due at once; agreed at the logging interval (frequent=3: steps 3 and 6 inside the epochs)
     cfg = tiny_cfg(tmp_path, *STEPS, "frequent=3", "save_every_minutes=1e-9", "keep_checkpoints=9")

@@ -48,15 +48,20 @@ def newest_complete(sets):
 
 def sets_to_delete(sets, keep, just_saved):
     """After this run wrote the set of step `just_saved` (its own part; other ranks may still be writing theirs):
-    the sets to remove, oldest first. Kept: the `keep` newest complete sets up to `just_saved`, and any set newer than
-    the newest complete one up to `just_saved` (still being written). Removed: older complete sets, incomplete sets
-    older than a complete one (left by a killed run: no rank writes them any more, each rank finishes one save
-    before it starts the next) and every set above `just_saved` (an abandoned run's future: this run resumed from
-    an earlier step or started afresh, so those steps will be written again)."""
+    the sets to remove, oldest first. Kept: the `keep` newest complete sets up to `just_saved`, any set newer than
+    the newest complete one up to `just_saved` (still being written), and every set above `just_saved`: the other
+    ranks may already be writing a later save while rank 0's writer is still on this one. Removed: older complete
+    sets and incomplete sets older than a complete one (left by a killed run: no rank writes them any more, each
+    rank finishes one save before it starts the next)."""
     own = [s for s in sets if s.step <= just_saved]
     complete = sorted((s.step for s in own if is_complete(s)), reverse=True)
     kept = set(complete[:max(keep, 1)])
     newest = complete[0] if complete else -1
-    drop = [s for s in own if s.step not in kept and (is_complete(s) or s.step < newest)]
-    drop += [s for s in sets if s.step > just_saved]
-    return sorted(drop, key=lambda s: s.step)
+    return sorted((s for s in own if s.step not in kept and (is_complete(s) or s.step < newest)), key=lambda s: s.step)
+
+
+def stale_at_start(sets, start_step):
+    """The sets a run starting at `start_step` removes before it writes anything, oldest first: incomplete sets (their
+    run was stopped while writing them) and every set above `start_step` (an abandoned run's future: this run resumed
+    from an earlier step or started afresh, so it will write those steps again)."""
+    return sorted((s for s in sets if not is_complete(s) or s.step > start_step), key=lambda s: s.step)

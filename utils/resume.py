@@ -65,18 +65,20 @@ def save_state(cfg, env, backbone, head, optimizer, scheduler, scaler, epoch, st
 
 class CheckpointSaver:
     """This rank's saves during train(): when (utils/checkpoint_policy.py), written off the training thread, at most
-    one per global step. Rank 0 removes the incomplete sets of killed runs when it is created (after the resume:
-    nothing is being written then)."""
+    one per global step. Rank 0 removes the stale sets when it is created, at `start_step` (after the resume, before
+    any rank writes): incomplete ones and those of an abandoned run above `start_step`."""
 
-    def __init__(self, cfg, env, logger, modules, background=True):
+    def __init__(self, cfg, env, logger, modules, start_step, background=True):
         self.cfg, self.env, self.logger, self.modules = cfg, env, logger, modules
         self.job = BackgroundJob(background)
         self.last_step, self.last_time, self.minutes_agreed = None, time.monotonic(), False
         if env.rank == 0:
-            stale = [s for s in checkpoint_set.scan(cfg.output) if not policy.is_complete(s)]
-            for path in checkpoint_set.remove_sets(cfg.output, stale):
-                logger.info(f"removed {path}: an incomplete checkpoint set left by a run that was stopped while "
-                            "writing it")
+            for stale in policy.stale_at_start(checkpoint_set.scan(cfg.output), start_step):
+                path, = checkpoint_set.remove_sets(cfg.output, [stale])
+                logger.info(f"removed {path}: " + ("an incomplete checkpoint set left by a run that was stopped while "
+                                                   "writing it" if not policy.is_complete(stale) else
+                                                   f"a set above this run's start at step {start_step}, left by an "
+                                                   "abandoned run (this run writes those steps again)"))
 
     def minutes_due(self):
         """This rank's clock: save_every_minutes have passed since the last save (agreed at the sync point)."""
