@@ -60,6 +60,7 @@ def test_the_training_callback_output_parses(tmp_path):
     run = pt.read_run(str(tmp_path))
     assert run["loss"] == ([20], [3.1416]) and run["lr"] == ([20], [0.000123])
     assert run["speed"][0] == [20] and run["speed"][1][0] > 0
+    assert run["scale"] == ([20], [512.0])
     assert run["label"] == tmp_path.name
 
 
@@ -71,6 +72,7 @@ def test_tensorboard(tmp_path):
         writer.add_scalar("loss", loss, step)
         writer.add_scalar("learning_rate", 0.001 * step, step)
         writer.add_scalar("samples_per_sec", 100.0 + step, step)
+        writer.add_scalar("grad_scale", 2.0 ** (16 + step // 10), step)  # utils/utils_callbacks.py's tag under fp16
     writer.add_scalar("lfw/accuracy", 0.75, 20)
     writer.add_scalar("lfw/xnorm", 20.0, 20)
     writer.close()
@@ -79,6 +81,7 @@ def test_tensorboard(tmp_path):
     assert run["loss"] == ([10, 20], [40.0, 30.5])
     np.testing.assert_allclose(run["lr"][1], [0.01, 0.02], rtol=1e-7)  # float32 in the event file
     assert run["speed"] == ([10, 20], [110.0, 120.0]) and run["accuracy"] == {"lfw": ([20], [0.75])}
+    assert run["scale"] == ([10, 20], [2.0 ** 17, 2.0 ** 18])
 
 
 def test_figure_overlays_runs(tmp_path):
