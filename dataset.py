@@ -13,10 +13,9 @@ from functools import partial
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.distributed import rank_and_world_size
+from utils.distributed import barrier, rank_and_world_size
 from utils.recordio import (RecordIOError, IndexedRecordReader, decode_image, identity_starts, image_label,
                             insightface_layout)
 
@@ -190,13 +189,12 @@ def folder_listing(root):
     """scan_image_folder(root) listed once: read from the cache file when the folder has not changed since it was
     written. Under torch.distributed rank 0 lists and writes the cache while the other ranks wait, then read it."""
     key, path = folder_key(root), listing_cache_path(root)
-    rank, world_size = rank_and_world_size()
+    rank, _ = rank_and_world_size()
     listing = load_listing(path, key)
     if listing is None and rank == 0:
         listing = scan_image_folder(root)
         save_listing(path, key, listing)
-    if world_size > 1 and dist.is_initialized():
-        dist.barrier()
+    barrier()
     if listing is None:  # another rank's cache; or no shared file system: list here
         listing = load_listing(path, key) or scan_image_folder(root)
     return listing

@@ -108,6 +108,7 @@ def test_count_check_against_the_folder(tmp_path):
         mr.make_rec(src, out, ids_per_shard=2)
     assert str(e.value) == (f"{out}: packed 14 images but {src} holds 15; delete {os.path.join(out, 'shards')} and "
                             "run again")
+    assert not os.path.exists(os.path.join(out, "train.rec.tmp"))  # checked before anything is written
 
 
 def test_folder_changed_while_packing(tmp_path, monkeypatch):

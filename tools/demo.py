@@ -24,6 +24,7 @@ from prettytable import PrettyTable
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import count_steps  # noqa: E402
 from utils.amp import resolve_amp  # noqa: E402
 from utils.cli import UserError, run_main, run_script  # noqa: E402
 from utils.utils_config import REPO_ROOT, get_config  # noqa: E402
@@ -58,8 +59,8 @@ def train_with_progress(command, total_step):
 
 
 def total_steps(cfg):
-    """Optimizer steps of a one-process run of cfg (train.py's loader drops the last partial batch)."""
-    return cfg.num_image // cfg.batch_size * cfg.num_epoch
+    """Optimizer steps of a one-process run of cfg (train.py's count, per epoch, times the epochs)."""
+    return count_steps(cfg, cfg.num_image, 1) * cfg.num_epoch  # num_image: no bound from the loader's length
 
 
 def read_result_row(path):

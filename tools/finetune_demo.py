@@ -1,6 +1,6 @@
 """Does fine-tuning from a trained model beat training from scratch on new identities? The demo world's answer.
 
-    python tools/finetune_demo.py                        # data, 3 trainings, 4 evaluations, one table
+    python tools/finetune_demo.py                        # data, 5 trainings, 5 evaluations, one table
     python tools/finetune_demo.py --budget-epochs 1      # a smaller budget for the two short runs
 
 The demo's training identities are split in two halves (two RecordIO folders, labels 0..N/2-1 each). configs/demo.py
@@ -17,7 +17,7 @@ import sys
 from prettytable import PrettyTable, TableStyle
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.demo import read_result_row  # noqa: E402
+from tools.demo import read_result_row, total_steps  # noqa: E402
 from utils.cli import run_main, run_script  # noqa: E402
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, identity_starts, \
     insightface_layout, pack_header, unpack_header  # noqa: E402
@@ -85,7 +85,7 @@ def main():
     for row, name, opts in runs:
         opts = common + opts + [f"output={os.path.join(args.output, name)}"]
         cfg = get_config(os.path.join(REPO_ROOT, args.config), opts)
-        steps = cfg.num_epoch * (cfg.num_image // cfg.batch_size)
+        steps = total_steps(cfg)
         if not (args.reuse and os.path.isfile(os.path.join(REPO_ROOT, cfg.output, "model.pt"))):
             run_script([sys.executable, "train.py", "--config", args.config, "--opts", *opts], REPO_ROOT)
         run_script([sys.executable, "eval_ijbc.py", "--model-prefix", os.path.join(cfg.output, "model.pt"),

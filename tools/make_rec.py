@@ -268,6 +268,9 @@ def merge(src, out_dir, shard_dir, num_shards, num_classes, shuffle, seed, expec
     from SRC); -> (images, identities)."""
     records = ShardRecords(shard_dir, num_shards)
     labels, n = records.labels, records.labels.size
+    if n != expected:  # before anything is written
+        raise RecordIOError(f"{out_dir}: packed {n} images but {src} holds {expected}; delete {shard_dir} and run "
+                            "again")
     num_classes = num_classes if num_classes is not None else int(labels.max()) + 1
     rec_path, idx_path = os.path.join(out_dir, "train.rec"), os.path.join(out_dir, "train.idx")
     with open(rec_path + ".tmp", "wb") as rec, open(idx_path + ".tmp", "w") as idx, \
@@ -285,9 +288,6 @@ def merge(src, out_dir, shard_dir, num_shards, num_classes, shuffle, seed, expec
             for c in range(num_classes):
                 idx.write(f"{a + c}\t{rec.tell()}\n")
                 rec.write(encode_record(pack_header(IRHeader(0, [bounds[c], bounds[c + 1]], 0, 0))))
-    if n != expected:
-        raise RecordIOError(f"{out_dir}: packed {n} images but {src} holds {expected}; delete {shard_dir} and run "
-                            "again")
     replace_atomically(rec_path + ".tmp", rec_path)
     replace_atomically(idx_path + ".tmp", idx_path)
     with open(os.path.join(out_dir, "property"), "w") as f:
