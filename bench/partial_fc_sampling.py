@@ -1,4 +1,4 @@
-"""Partial FC's sampling step at WebFace42M size: one rank of 8 holds 257,488 of 2,059,906 centres, sample_rate 0.3.
+"""Partial FC's sampling step at WebFace42M size: one rank of 8 holds 257,489 of 2,059,906 centres, sample_rate 0.3.
 
     python bench/partial_fc_sampling.py [--num-classes 2059906] [--world-size 8] [--sample-rate 0.3]
         [--global-batch 2048] [--embedding-size 512] [--repeats 20] [--matmul-repeats 3]
