@@ -81,8 +81,10 @@ def main():
     parser.add_argument("--per-id", type=int, default=20)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--data", default=None, help="folder for the images, kept (default: a temporary one)")
-    parser.add_argument("--generate-only", action="store_true")
+    parser.add_argument("--generate-only", action="store_true", help="write the images to --data and stop")
     args = parser.parse_args()
+    if args.generate_only and args.data is None:
+        parser.error("--generate-only needs --data (the temporary folder is deleted at the end)")
 
     tmp = tempfile.mkdtemp(prefix="make_rec_bench_")
     src = args.data or os.path.join(tmp, "src")
